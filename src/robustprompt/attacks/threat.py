@@ -1,0 +1,107 @@
+"""The threat model: which attack, norm, budget and steps — the thing every number is tied to."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .autoattack import autoattack, autoattack_info
+from .losses import ATTACK_LOSSES
+from .pgd import NORMS, pgd
+
+ATTACKS = ("none", "fgsm", "pgd", "autoattack")
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """An attack and its budget. eps and alpha are in pixel units (1/255 ≈ 0.0039); build one
+    from /255 units with `ThreatModel.from_255`. alpha None means eps/4."""
+
+    attack: str = "pgd"
+    norm: str = "linf"
+    eps: float = 1 / 255
+    alpha: Optional[float] = None
+    steps: int = 100
+    restarts: int = 1
+    loss: str = "ce"
+    random_start: bool = True
+    aa_version: str = "standard"
+
+    def __post_init__(self) -> None:
+        if self.attack not in ATTACKS:
+            raise ConfigError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS)}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        if self.loss not in ATTACK_LOSSES:
+            raise ConfigError(f"unknown attack loss {self.loss!r}; choose one of {', '.join(ATTACK_LOSSES)}")
+        if not self.eps >= 0:
+            raise ConfigError(f"eps must be >= 0, got {self.eps}")
+        if self.eps > 1:
+            raise ConfigError(f"eps={self.eps} is larger than the whole [0,1] pixel range; "
+                              "in Python eps is in pixel units (4/255), at the CLI in /255 units (4)")
+        if self.attack == "pgd" and (self.steps < 1 or self.restarts < 1):
+            raise ConfigError(f"pgd needs steps >= 1 and restarts >= 1 (got {self.steps}, {self.restarts})")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+
+    @classmethod
+    def from_255(cls, eps: float, alpha: Optional[float] = None, **kw: Any) -> "ThreatModel":
+        """eps and alpha given in /255 units, as users write them (eps=4 means 4/255)."""
+        return cls(eps=eps / 255, alpha=None if alpha is None else alpha / 255, **kw)
+
+    @property
+    def step_size(self) -> float:
+        return self.alpha if self.alpha is not None else self.eps / 4
+
+    @property
+    def is_clean(self) -> bool:
+        return self.attack == "none" or self.eps == 0
+
+    def with_(self, **kw: Any) -> "ThreatModel":
+        return replace(self, **kw)
+
+    def describe(self, n_classes: Optional[int] = None) -> dict[str, Any]:
+        d = asdict(self)
+        d["alpha"] = self.step_size
+        d["eps_255"] = round(self.eps * 255, 6)
+        d["alpha_255"] = round(self.step_size * 255, 6)
+        if self.attack == "autoattack":
+            d["autoattack"] = autoattack_info(self.norm, self.aa_version, n_classes)
+            for k in ("alpha", "alpha_255", "steps", "restarts", "loss", "random_start"):
+                d.pop(k)
+        elif self.attack == "fgsm":
+            for k in ("alpha", "alpha_255", "steps", "restarts", "random_start"):
+                d.pop(k)
+        if self.attack != "autoattack":
+            d.pop("aa_version")
+        d["precision"] = "float32"
+        return d
+
+    def short(self) -> str:
+        """A compact label for tables: 'PGD-100 ℓ∞ ε=1/255 α=0.25/255'."""
+        if self.is_clean:
+            return "clean"
+        n = "ℓ∞" if self.norm == "linf" else "ℓ2"
+        e = f"{self.eps * 255:g}/255"
+        if self.attack == "autoattack":
+            return f"AutoAttack-{self.aa_version} {n} ε={e}"
+        if self.attack == "fgsm":
+            return f"FGSM {n} ε={e}"
+        extra = "" if self.loss == "ce" else f" {self.loss}"
+        rs = "" if self.restarts == 1 else f" ×{self.restarts}"
+        return f"PGD-{self.steps}{rs}{extra} {n} ε={e} α={self.step_size * 255:g}/255"
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+            seeds: Optional[Sequence[int]] = None, seed: int = 0) -> torch.Tensor:
+        """Adversarial images for (x, y); x itself when the threat model is clean."""
+        if self.is_clean:
+            return x.detach()
+        if self.attack == "fgsm":
+            return pgd(model, x, y, self.eps, self.eps, 1, norm=self.norm, loss=self.loss, random_start=False)
+        if self.attack == "pgd":
+            return pgd(model, x, y, self.eps, self.step_size, self.steps, norm=self.norm, loss=self.loss,
+                       random_start=self.random_start, restarts=self.restarts, seeds=seeds)
+        return autoattack(model, x, y, self.eps, norm=self.norm, version=self.aa_version, seed=seed)

@@ -1,0 +1,201 @@
+"""Images in [0,1] → logits over class names, with CLIP's normalisation inside the model."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelError
+from .backbone import Backbone
+from .prompted_clip import PromptedCLIP, TextTrace, VisionTrace
+from .prompts import PromptConfig
+from .trace import TraceSpec
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+CTX_PLACEHOLDER = "X"
+
+
+@dataclass
+class ClassifierOutput:
+    """logits B×K; image_features B×D and text_features K×D, both L2-normalised; traces if asked."""
+
+    logits: torch.Tensor
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    vision: Optional[VisionTrace] = None
+    text: Optional[TextTrace] = None
+
+
+def prompt_texts(classnames: Sequence[str], templates: Sequence[str], n_ctx: int) -> list[str]:
+    """The strings fed to the text tower: with a learned text context, "X … X {class}." (the X
+    placeholders are replaced by context vectors); otherwise every template for every class,
+    class-major (K·T strings)."""
+    names = [c.replace("_", " ") for c in classnames]
+    if n_ctx > 0:
+        prefix = " ".join([CTX_PLACEHOLDER] * n_ctx)
+        return [f"{prefix} {name}." for name in names]
+    return [t.format(name) for name in names for t in templates]
+
+
+class PromptedClassifier(nn.Module):
+    """A zero-shot or prompted CLIP classifier.
+
+    forward(x): x B×3×S×S in [0,1] → logits B×K (K = len(classnames)).
+    Text features are cached while the prompts that produce them do not change (tracked through
+    the parameters' version counters), and `static_text()` pins them for a block of attack steps.
+    """
+
+    def __init__(self, backbone: Backbone, classnames: Sequence[str], prompt: PromptConfig = PromptConfig(),
+                 templates: Optional[Sequence[str]] = None) -> None:
+        super().__init__()
+        self.backbone_info = backbone.describe()
+        self.model = PromptedCLIP(backbone.model, backbone.tokenizer, prompt)
+        self.tokenizer = backbone.tokenizer
+        self.image_size = backbone.image_size
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)
+        self._cache: Optional[tuple[Any, torch.Tensor]] = None
+        self._static: Optional[torch.Tensor] = None
+        self.text_encode_count = 0  # how often the text tower ran (tests and benchmarks read it)
+        self.set_classnames(classnames, templates)
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def prompt_cfg(self) -> PromptConfig:
+        return self.model.prompt_cfg
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self._classnames)
+
+    @property
+    def templates(self) -> list[str]:
+        return list(self._templates)
+
+    @property
+    def text_ctx_len(self) -> int:
+        return self.prompt_cfg.n_ctx if self.prompt_cfg.has_text else 0
+
+    def set_classnames(self, classnames: Sequence[str], templates: Optional[Sequence[str]] = None) -> None:
+        """Switch the label set (e.g. base → new classes); prompts are kept."""
+        if len(classnames) < 1:
+            raise ModelError("a classifier needs at least one class name")
+        templates = list(templates) if templates else [DEFAULT_TEMPLATE]
+        for t in templates:
+            if t.count("{}") != 1:
+                raise ModelError(f"template {t!r} must contain exactly one '{{}}' for the class name")
+        self._classnames = list(classnames)
+        self._templates = templates if self.text_ctx_len == 0 else [templates[0]]
+        texts = prompt_texts(self._classnames, self._templates, self.text_ctx_len)
+        tokens = self.tokenizer(texts)
+        device = self.mean.device
+        self.register_buffer("tokens", tokens.to(device), persistent=False)
+        self._cache = None
+
+    @property
+    def n_templates(self) -> int:
+        return 1 if self.text_ctx_len else len(self._templates)
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        return self.model.prompt_parameters()
+
+    def prompt_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the learned prompt tensors (and projections), keyed by name."""
+        if self.model.prompt is None:
+            return {}
+        return {k: v.detach().clone() for k, v in self.model.prompt.state_dict().items()}
+
+    def load_prompt_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.model.prompt is None:
+            if state:
+                raise ModelError("this classifier has no prompts to load")
+            return
+        own = self.model.prompt.state_dict()
+        if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
+            raise ModelError("prompt checkpoint does not match this prompt configuration "
+                             f"(expected {sorted((k, tuple(v.shape)) for k, v in own.items())})")
+        self.model.prompt.load_state_dict(state)
+        self._cache = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"backbone": self.backbone_info, "prompt": self.prompt_cfg.to_dict(),
+                "n_classes": len(self._classnames), "templates": self.templates}
+
+    # ------------------------------------------------------------------ text side
+    def _text_key(self) -> tuple:
+        params = self.model.text_side_parameters()
+        return (self.tokens.data_ptr(), self.tokens.device,
+                tuple((id(p), p._version, p.device) for p in params))
+
+    def encode_text(self, trace: Optional[TraceSpec] = None) -> tuple[torch.Tensor, Optional[TextTrace]]:
+        """Run the text tower on every class prompt: K×D normalised features (+ trace)."""
+        if trace is not None and self.n_templates > 1:
+            raise ModelError("text tracing needs a single template per class")
+        self.text_encode_count += 1
+        feats, rec = self.model.encode_text(self.tokens, trace)
+        feats = F.normalize(feats, dim=-1)
+        if self.n_templates > 1:
+            feats = F.normalize(feats.view(len(self._classnames), self.n_templates, -1).mean(dim=1), dim=-1)
+        return feats, rec
+
+    def text_features(self) -> torch.Tensor:
+        """K×D normalised class text features, from cache when the prompts have not changed."""
+        if self._static is not None:
+            return self._static
+        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.text_side_parameters())
+        if needs_graph:
+            return self.encode_text()[0]
+        key = self._text_key()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.encode_text()[0])
+        return self._cache[1]
+
+    @contextmanager
+    def static_text(self) -> Iterator[torch.Tensor]:
+        """Compute the class text features once (no graph) and use them for every forward inside
+        the block — what an attack wants: its steps change the image, never the text."""
+        if self._static is not None:
+            yield self._static
+            return
+        with torch.no_grad():
+            self._static = self.text_features()
+        try:
+            yield self._static
+        finally:
+            self._static = None
+
+    # ------------------------------------------------------------------ image side
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise ModelError(f"expected images B×3×{self.image_size}×{self.image_size} in [0,1], "
+                             f"got shape {tuple(x.shape)}")
+        return (x - self.mean) / self.std
+
+    def encode_image(self, x: torch.Tensor, trace: Optional[TraceSpec] = None
+                     ) -> tuple[torch.Tensor, Optional[VisionTrace]]:
+        feats, rec = self.model.encode_image(self.normalize(x), trace)
+        return F.normalize(feats, dim=-1), rec
+
+    def logits_from(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        logits = self.model.logit_scale * image_features @ text_features.t()
+        bias = self.model.logit_bias
+        return logits + bias if bias is not None else logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        img, _ = self.encode_image(x)
+        return self.logits_from(img, self.text_features())
+
+    def features(self, x: torch.Tensor, vision_trace: Optional[TraceSpec] = None,
+                 text_trace: Optional[TraceSpec] = None) -> ClassifierOutput:
+        """One forward that also returns features and, if asked, the traced block internals."""
+        img, vrec = self.encode_image(x, vision_trace)
+        if text_trace is not None:
+            txt, trec = self.encode_text(text_trace)
+        else:
+            txt, trec = self.text_features(), None
+        return ClassifierOutput(self.logits_from(img, txt), img, txt, vrec, trec)
