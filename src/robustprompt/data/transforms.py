@@ -1,0 +1,58 @@
+"""Image -> tensor transforms for CLIP-style models. No mean/std normalisation: the model does it."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from robustprompt.errors import ConfigError
+
+_INTERPOLATIONS = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+    "lanczos": InterpolationMode.LANCZOS,
+}
+
+
+class ToRGB:
+    """Convert any PIL image to RGB (grey-scale, palette and RGBA images occur in the wild)."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+    def __repr__(self) -> str:
+        return "ToRGB()"
+
+
+def clip_transform(
+    image_size: int, interpolation: str = "bicubic", train: bool = False
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> float tensor 3 x image_size x image_size in [0, 1].
+
+    Eval: resize the shorter side to ``image_size`` then centre-crop.
+    Train: RandomResizedCrop(scale 0.08-1) and a random horizontal flip.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    mode = _INTERPOLATIONS.get(str(interpolation).lower())
+    if mode is None:
+        raise ConfigError(
+            f"unknown interpolation {interpolation!r}; choose one of {', '.join(_INTERPOLATIONS)}"
+        )
+    if train:
+        steps = [
+            ToRGB(),
+            T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=mode, antialias=True),
+            T.RandomHorizontalFlip(),
+        ]
+    else:
+        steps = [
+            ToRGB(),
+            T.Resize(image_size, interpolation=mode, antialias=True),
+            T.CenterCrop(image_size),
+        ]
+    return T.Compose(steps + [T.ToTensor()])
