@@ -1,0 +1,189 @@
+"""`robustprompt <command>`: parses flags and YAML, builds a config, calls the engine. Nothing else."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+from .errors import RobustPromptError
+
+log = logging.getLogger("robustprompt")
+
+# CLI flag → dotted config key, for flags shared by commands that take a model/data/attack.
+MODEL_FLAGS = {
+    "model": "model.name", "pretrained": "model.pretrained", "quick_gelu": "model.quick_gelu",
+    "templates": "model.templates", "run": "model.run", "coupling": "model.prompt.coupling",
+    "n_ctx": "model.prompt.n_ctx", "depth": "model.prompt.depth",
+}
+DATA_FLAGS = {
+    "dataset": "data.dataset", "root": "data.root", "split": "data.split", "classes": "data.classes",
+    "subset": "data.subset", "subset_seed": "data.subset_seed", "batch_size": "data.batch_size",
+    "workers": "data.workers", "download": "data.download",
+}
+ATTACK_FLAGS = {
+    "attack": "attack.attack", "norm": "attack.norm", "eps": "attack.eps", "alpha": "attack.alpha",
+    "steps": "attack.steps", "restarts": "attack.restarts", "loss": "attack.loss",
+    "no_random_start": "attack.random_start",
+}
+RUN_FLAGS = {"seed": "seed", "device": "device"}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="open_clip architecture (e.g. ViT-B-32) or 'demo' (default: demo)")
+    g.add_argument("--pretrained", help="pretrained tag (e.g. openai) or checkpoint file; omit for random init")
+    g.add_argument("--quick-gelu", action="store_const", const=True, default=None,
+                   help="use QuickGELU (automatic for OpenAI tags and TorchScript files)")
+    g.add_argument("--templates", help="'dataset' (default), 'ensemble', or a template with {}")
+    g.add_argument("--run", help="a training run directory whose learned prompts to load")
+    g.add_argument("--coupling", help="prompt coupling for untrained prompts (default none)")
+    g.add_argument("--n-ctx", type=int)
+    g.add_argument("--depth", type=int)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="dataset name (see README), imagefolder:PATH or csv:PATH")
+    g.add_argument("--root", help="data root holding the CoOp-layout dataset folders")
+    g.add_argument("--split", help="split to evaluate (default test)")
+    g.add_argument("--classes", choices=["all", "base", "new"])
+    g.add_argument("--subset", type=int, help="evaluate a fixed random subset of N images")
+    g.add_argument("--subset-seed", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--workers", type=int, help="data-loading worker processes")
+    g.add_argument("--download", action="store_const", const=True, default=None,
+                   help="allow downloading datasets that support it (Fashion-MNIST)")
+
+
+def add_attack_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("attack (eps and alpha in /255 units: --eps 4 means 4/255)")
+    g.add_argument("--attack", choices=["none", "fgsm", "pgd", "autoattack"])
+    g.add_argument("--norm", choices=["linf", "l2"])
+    g.add_argument("--eps", type=float)
+    g.add_argument("--alpha", type=float, help="step size (default eps/4)")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--restarts", type=int)
+    g.add_argument("--loss", choices=["ce", "kl", "dlr"])
+    g.add_argument("--no-random-start", action="store_const", const=False, default=None)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--config", help="YAML config; flags override its keys")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 …")
+    g.add_argument("--out", help="run directory (default: runs/<command>/<dataset>-<model>-<hash>)")
+    g.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def collect_overrides(args: argparse.Namespace, *tables: dict[str, str]) -> dict:
+    from .config import set_dotted
+
+    out: dict = {}
+    for table in tables:
+        for flag, key in table.items():
+            value = getattr(args, flag, None)
+            if value is not None:
+                set_dotted(out, key, value)
+    return out
+
+
+def build_config(cls: type, args: argparse.Namespace, *tables: dict[str, str]) -> Any:
+    from .config import deep_merge, from_dict, load_yaml
+
+    base = load_yaml(args.config) if getattr(args, "config", None) else {}
+    merged = deep_merge(base, collect_overrides(args, *tables))
+    return from_dict(cls, merged, args.config or "config")
+
+
+# ------------------------------------------------------------------------------ commands
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine.evaluate import EvalConfig, evaluate
+    from .report.console import print_metrics
+
+    cfg = build_config(EvalConfig, args, MODEL_FLAGS, DATA_FLAGS, ATTACK_FLAGS, RUN_FLAGS)
+    metrics = evaluate(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    if metrics is not None:
+        print_metrics(metrics)
+    return 0
+
+
+def cmd_pretrain_demo(args: argparse.Namespace) -> int:
+    import json
+
+    from .demo.backbone import ensure_demo_backbone
+
+    directory = ensure_demo_backbone(data_root=args.root, download=args.download, force=args.force,
+                                     progress=not args.no_progress)
+    meta = json.loads((directory / "config.json").read_text())
+    print(f"demo backbone: {directory}")
+    print(f"zero-shot accuracy on Fashion-MNIST test: {meta['zero_shot_test_acc']:.2f}%  "
+          f"(trained in {meta['train_time_s']:.0f} s)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    run_demo(out=args.out, subset=args.subset, progress=not args.no_progress, device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="robustprompt", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"robustprompt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("eval", help="clean and robust accuracy of a (prompted) classifier on a dataset")
+    add_model_args(p)
+    add_data_args(p)
+    add_attack_args(p)
+    add_run_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("pretrain-demo", help="build (or verify) the embedded demo backbone")
+    p.add_argument("--root", help="where Fashion-MNIST lies, if not in /usr/share/datasets/fashion-mnist")
+    p.add_argument("--download", action="store_true", help="download Fashion-MNIST if it is not found")
+    p.add_argument("--force", action="store_true", help="rebuild even if a cached copy exists")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pretrain_demo)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default: robustness table on the demo backbone")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's run directories")
+    p.add_argument("--subset", type=int, default=1000, help="test images per evaluation")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    log.propagate = False
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except RobustPromptError as exc:
+        print(f"robustprompt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nrobustprompt {args.command}: interrupted; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

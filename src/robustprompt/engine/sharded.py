@@ -1,0 +1,83 @@
+"""The per-image loop shared by `eval` and `tta`: exact sharding across processes, one record per
+image appended after every batch, a progress bar, and resume from whatever was recorded."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..data.base import Split
+from .rundir import RunDir
+
+BatchFn = Callable[[torch.Tensor, torch.Tensor, list[int]], list[dict]]
+
+
+class IndexedImages(Dataset):
+    """Images of `split` at the given global indices → (image 3×H×W in [0,1], label, index)."""
+
+    def __init__(self, split: Split, indices: Sequence[int], transform: Callable) -> None:
+        self.split, self.indices, self.transform = split, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        idx = self.indices[i]
+        return self.transform(self.split.load(idx)), self.split.labels[idx], idx
+
+
+def run_per_image(
+    run: RunDir,
+    state,  # accelerate.PartialState
+    split: Split,
+    indices: Sequence[int],
+    transform: Callable,
+    process_batch: BatchFn,
+    *,
+    batch_size: int,
+    workers: int = 0,
+    desc: str = "",
+    progress: bool = True,
+) -> Optional[dict[int, dict]]:
+    """Run `process_batch` over every index not yet recorded in `run`, this process's share only.
+
+    Shards are contiguous slices of the remaining indices (accelerate's
+    `split_between_processes`, no padding, no repeats). Returns all records on the main process
+    once every process is done (None elsewhere).
+    """
+    done = run.load_records()
+    remaining = [i for i in indices if i not in done]
+    # every process must shard the same list: nobody writes before everybody has read
+    state.wait_for_everyone()
+    with state.split_between_processes(remaining) as mine:
+        mine = list(mine)
+    loader = DataLoader(IndexedImages(split, mine, transform), batch_size=batch_size, shuffle=False,
+                        num_workers=workers)
+    if state.num_processes > 1:
+        desc = f"{desc} [process {state.process_index + 1}/{state.num_processes}]"
+    if len(remaining) < len(indices) and state.is_main_process and progress:
+        tqdm.write(f"resuming: {len(indices) - len(remaining)} of {len(indices)} images already done")
+    bar = tqdm(total=len(mine), desc=desc, unit="img", disable=not (progress and state.is_main_process),
+               dynamic_ncols=True)
+    device = state.device
+    for x, y, idx in loader:
+        t0 = time.perf_counter()
+        idx_list = [int(i) for i in idx]
+        records = process_batch(x.to(device), y.to(device), idx_list)
+        sec = (time.perf_counter() - t0) / max(1, len(idx_list))
+        records = [{"index": i, "id": split.ids[i], "label": int(label), **rec, "sec": round(sec, 5)}
+                   for rec, i, label in zip(records, idx_list, y.tolist())]
+        run.append_records(state.process_index, records)
+        bar.update(len(idx_list))
+    bar.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    records = run.load_records()
+    missing = [i for i in indices if i not in records]
+    if missing:
+        raise RuntimeError(f"{len(missing)} images have no record after the run (first: {missing[:5]})")
+    return {i: records[i] for i in indices}

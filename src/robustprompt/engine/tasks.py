@@ -1,0 +1,50 @@
+"""From a DataSpec to the images a run works on: dataset, class subset, split and indices."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+from ..config import DataSpec, ModelSpec
+from ..data import base_new_split, build_dataset, clip_transform
+from ..data.base import Dataset, Split
+
+
+@dataclass
+class Task:
+    dataset: Dataset
+    split: Split
+    indices: list[int]
+    interpolation: str = "bicubic"
+
+    def transform(self, image_size: int, train: bool = False) -> Callable:
+        return clip_transform(image_size, self.interpolation, train=train)
+
+
+def load_task(spec: DataSpec) -> Task:
+    dataset = build_dataset(spec.dataset, spec.root, download=spec.download)
+    if spec.classes != "all":
+        dataset = base_new_split(dataset, spec.classes)
+    split = dataset.split(spec.split)
+    return Task(dataset, split, subset_indices(len(split), spec.subset, spec.subset_seed))
+
+
+def subset_indices(n: int, subset: int | None, seed: int) -> list[int]:
+    """A fixed random subset (sorted) of range(n); indices stay those of the full split, so a
+    record names the same image whatever subset it came from."""
+    if subset is None or subset >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), subset))
+
+
+def method_of(model: ModelSpec) -> dict:
+    """The method and shots a result row reports: from the training run if prompts were loaded."""
+    if model.run:
+        from ..config import load_yaml
+        from pathlib import Path
+
+        cfg = load_yaml(Path(model.run) / "config.yaml")
+        return {"method": cfg.get("method", {}).get("name", "unknown"), "shots": cfg.get("data", {}).get("shots"),
+                "train_run": str(model.run), "train_seed": cfg.get("seed")}
+    return {"method": "zeroshot" if model.prompt.coupling == "none" else f"untrained-{model.prompt.coupling}",
+            "shots": None}

@@ -1,0 +1,39 @@
+"""Plain-text output for the terminal."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub-style markdown table, readable as plain text too."""
+    cells = [[str(c) for c in header]] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    align = align or "l" + "r" * (len(header) - 1)
+
+    def line(r: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align)) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else (":" + "-" * (w + 1)) for w, a in zip(widths, align)) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def print_metrics(m: dict[str, Any]) -> None:
+    threat = m.get("threat", {})
+    label = m.get("threat_label") or threat.get("attack", "")
+    print(f"{m['dataset']} ({m['split']}, {m['n']} images, {m['n_classes']} classes) — "
+          f"{m.get('method', '')} on {m['backbone']['name']} [{m['backbone']['weights']}]")
+    print(f"  clean accuracy : {m['clean_acc']:.2f}%")
+    if threat.get("attack") != "none":
+        print(f"  robust accuracy: {m['robust_acc']:.2f}%  under {label} {_threat_text(threat)}")
+    print(f"  wall time      : {m['wall_time_s']:.1f} s")
+
+
+def _threat_text(t: dict[str, Any]) -> str:
+    parts = [f"{t.get('norm', '')} eps={t.get('eps_255', 0):g}/255"]
+    if "steps" in t:
+        parts.append(f"steps={t['steps']} alpha={t['alpha_255']:g}/255")
+        if t.get("restarts", 1) != 1:
+            parts.append(f"restarts={t['restarts']}")
+        if t.get("loss", "ce") != "ce":
+            parts.append(f"loss={t['loss']}")
+    return " ".join(parts)
