@@ -67,7 +67,7 @@ def resolve_templates(spec: str, dataset: Dataset) -> list[str]:
 def classifier_from_spec(spec: ModelSpec, dataset: Dataset, device: str | torch.device = "cpu"
                          ) -> PromptedClassifier:
     """Build the classifier a config describes, loading learned prompts from `spec.run` if set."""
-    prompt = spec.prompt
+    prompt = spec.prompt or PromptConfig()
     state = None
     if spec.run:
         prompt, state, spec = _trained_prompts(spec)
@@ -77,6 +77,13 @@ def classifier_from_spec(spec: ModelSpec, dataset: Dataset, device: str | torch.
     if state is not None:
         clf.load_prompt_state_dict({k: v.to(clf.mean.device) for k, v in state.items()})
     return clf
+
+
+def resolved_prompt(spec: ModelSpec) -> PromptConfig:
+    """The prompt layout a model spec ends up with (a training run's own, if `run` is set)."""
+    if spec.run:
+        return _trained_prompts(spec)[0]
+    return spec.prompt or PromptConfig()
 
 
 def _trained_prompts(spec: ModelSpec):

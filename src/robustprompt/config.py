@@ -152,7 +152,7 @@ class ModelSpec:
     name: str = "demo"
     pretrained: Optional[str] = None
     quick_gelu: Optional[bool] = None
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+    prompt: Optional[PromptConfig] = None  # None: no prompts (eval) / the method's defaults (train)
     templates: str = "dataset"          # "dataset" (its main template), "ensemble" or one template with {}
     run: Optional[str] = None
 

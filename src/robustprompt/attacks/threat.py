@@ -95,13 +95,17 @@ class ThreatModel:
         return f"PGD-{self.steps}{rs}{extra} {n} ε={e} α={self.step_size * 255:g}/255"
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-            seeds: Optional[Sequence[int]] = None, seed: int = 0) -> torch.Tensor:
-        """Adversarial images for (x, y); x itself when the threat model is clean."""
+            seeds: Optional[Sequence[int]] = None, seed: int = 0,
+            clean_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Adversarial images for (x, y); x itself when the threat model is clean. clean_logits
+        (detached) spare the kl loss a clean forward."""
         if self.is_clean:
             return x.detach()
         if self.attack == "fgsm":
-            return pgd(model, x, y, self.eps, self.eps, 1, norm=self.norm, loss=self.loss, random_start=False)
+            return pgd(model, x, y, self.eps, self.eps, 1, norm=self.norm, loss=self.loss, random_start=False,
+                       clean_logits=clean_logits)
         if self.attack == "pgd":
             return pgd(model, x, y, self.eps, self.step_size, self.steps, norm=self.norm, loss=self.loss,
-                       random_start=self.random_start, restarts=self.restarts, seeds=seeds)
+                       random_start=self.random_start, restarts=self.restarts, seeds=seeds,
+                       clean_logits=clean_logits)
         return autoattack(model, x, y, self.eps, norm=self.norm, version=self.aa_version, seed=seed)

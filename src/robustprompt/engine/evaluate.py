@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 
 from .. import __version__
-from ..api import classifier_from_spec, resolve_device
+from ..api import classifier_from_spec, resolve_device, resolved_prompt
 from ..config import AttackSpec, DataSpec, ModelSpec, to_dict
 from .rundir import RunDir, config_hash
 from .sharded import run_per_image
@@ -51,6 +51,7 @@ def evaluate(cfg: EvalConfig, out: Optional[str | Path] = None, *, overwrite: bo
     if device.type == "cuda":
         device = state.device
     config = {"kind": "eval", **to_dict(cfg)}
+    config["model"]["prompt"] = resolved_prompt(cfg.model).to_dict()
     run = RunDir(out or default_run_dir("eval", config, cfg.model, cfg.data), config, overwrite=overwrite)
     resumed = run.prepare(is_main=state.is_main_process)
     state.wait_for_everyone()

@@ -46,5 +46,6 @@ def method_of(model: ModelSpec) -> dict:
         cfg = load_yaml(Path(model.run) / "config.yaml")
         return {"method": cfg.get("method", {}).get("name", "unknown"), "shots": cfg.get("data", {}).get("shots"),
                 "train_run": str(model.run), "train_seed": cfg.get("seed")}
-    return {"method": "zeroshot" if model.prompt.coupling == "none" else f"untrained-{model.prompt.coupling}",
+    coupling = model.prompt.coupling if model.prompt else "none"
+    return {"method": "zeroshot" if coupling == "none" else f"untrained-{coupling}",
             "shots": None}

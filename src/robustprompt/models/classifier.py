@@ -156,18 +156,24 @@ class PromptedClassifier(nn.Module):
         return self._cache[1]
 
     @contextmanager
-    def static_text(self) -> Iterator[torch.Tensor]:
-        """Compute the class text features once (no graph) and use them for every forward inside
-        the block — what an attack wants: its steps change the image, never the text."""
-        if self._static is not None:
+    def static_text(self, features: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+        """Use one set of class text features (no graph) for every forward inside the block — what
+        an attack wants: its steps change the image, never the text. `features` pins features
+        the caller already has (e.g. the detached output of a training step's text forward);
+        otherwise they are computed once here."""
+        if self._static is not None and features is None:
             yield self._static
             return
-        with torch.no_grad():
-            self._static = self.text_features()
+        previous = self._static
+        if features is not None:
+            self._static = features.detach()
+        else:
+            with torch.no_grad():
+                self._static = self.text_features()
         try:
             yield self._static
         finally:
-            self._static = None
+            self._static = previous
 
     # ------------------------------------------------------------------ image side
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,10 +197,15 @@ class PromptedClassifier(nn.Module):
         return self.logits_from(img, self.text_features())
 
     def features(self, x: torch.Tensor, vision_trace: Optional[TraceSpec] = None,
-                 text_trace: Optional[TraceSpec] = None) -> ClassifierOutput:
-        """One forward that also returns features and, if asked, the traced block internals."""
+                 text_trace: Optional[TraceSpec] = None,
+                 text: Optional[tuple[torch.Tensor, Optional[TextTrace]]] = None) -> ClassifierOutput:
+        """One forward that also returns features and, if asked, the traced block internals.
+        `text` reuses a text-side result (features, trace) from `encode_text` — the class texts
+        do not depend on the image, so clean and adversarial passes can share one."""
         img, vrec = self.encode_image(x, vision_trace)
-        if text_trace is not None:
+        if text is not None:
+            txt, trec = text
+        elif text_trace is not None:
             txt, trec = self.encode_text(text_trace)
         else:
             txt, trec = self.text_features(), None
