@@ -212,6 +212,8 @@ def test_bad_inputs_raise_clear_errors(tiny_backbone):
         load_backbone("ViT-B-33")
     with pytest.raises(ModelError, match="exactly one"):
         PromptedClassifier(tiny_backbone, ["a"], templates=["a photo"])
+    with pytest.raises(ModelError, match="needs 18 tokens but the text tower holds 16"):
+        PromptedClassifier(tiny_backbone, ["ankle boot"], PromptConfig(coupling="text", n_ctx=13, depth=1))
 
 
 def test_checkpoint_files_load(tmp_path, tiny_backbone):

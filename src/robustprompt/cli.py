@@ -110,6 +110,74 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_DATA_FLAGS = {
+    "dataset": "data.dataset", "root": "data.root", "split": "data.split", "classes": "data.classes",
+    "shots": "data.shots", "batch_size": "data.batch_size", "workers": "data.workers",
+    "augment": "data.augment", "download": "data.download",
+}
+TRAIN_FLAGS = {"method": "method.name", "epochs": "optim.epochs", "lr": "optim.lr"}
+TRAIN_ATTACK_FLAGS = {"train_eps": "train_attack.eps", "train_alpha": "train_attack.alpha",
+                      "train_steps": "train_attack.steps"}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import deep_merge, load_yaml
+    from .engine.train import train, train_config_from_dict
+    from .report.console import print_train_summary
+
+    base = load_yaml(args.config) if args.config else {}
+    raw = deep_merge(base, collect_overrides(args, MODEL_FLAGS, TRAIN_DATA_FLAGS, TRAIN_FLAGS,
+                                             TRAIN_ATTACK_FLAGS, RUN_FLAGS))
+    for item in args.param or []:
+        key, value = _parse_set(item)
+        raw.setdefault("method", {}).setdefault("params", {})[key] = value
+    cfg = train_config_from_dict(raw, args.config or "config")
+    metrics = train(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    if metrics is not None:
+        print_train_summary(metrics)
+    return 0
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+    import yaml
+
+    from .errors import ConfigError
+
+    if "=" not in item:
+        raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+    key, value = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse the value of {item!r}: {exc}") from exc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_yaml, set_dotted
+    from .engine.experiment import load_experiment, run_experiment
+
+    overrides: dict = {}
+    pinned = []
+    for item in args.set or []:
+        key, value = _parse_set(item)
+        set_dotted(overrides, key, value)
+        pinned.append(key)
+    if args.device:
+        overrides["device"] = args.device
+    if pinned:
+        grid = dict(load_yaml(args.config).get("grid") or {})
+        for key in pinned:  # a --set on a grid key pins it to that one value
+            if key in grid:
+                grid[key] = [_parse_set(next(i for i in args.set if i.split("=", 1)[0].strip() == key))[1]]
+        if grid:
+            overrides["grid"] = grid
+    cfg = load_experiment(args.config, overrides)
+    summary = run_experiment(cfg, args.out, progress=not args.no_progress, where=args.config)
+    if summary is not None:
+        print(summary["markdown"])
+    return 0
+
+
 def cmd_pretrain_demo(args: argparse.Namespace) -> int:
     import json
 
@@ -121,6 +189,17 @@ def cmd_pretrain_demo(args: argparse.Namespace) -> int:
     print(f"demo backbone: {directory}")
     print(f"zero-shot accuracy on Fashion-MNIST test: {meta['zero_shot_test_acc']:.2f}%  "
           f"(trained in {meta['train_time_s']:.0f} s)")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import list_methods, method_class
+
+    for name in list_methods():
+        cls = method_class(name)
+        pc = cls.default_prompt
+        prompt = "no prompts" if pc.coupling == "none" else f"{pc.coupling}, n_ctx={pc.n_ctx}, depth={pc.depth}"
+        print(f"{name:10s} {'adversarial' if cls.adversarial else 'clean':11s} [{prompt}]  {cls.summary}")
     return 0
 
 
@@ -145,6 +224,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_attack_args(p)
     add_run_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="few-shot prompt tuning with one method on one dataset")
+    add_model_args(p)
+    g = p.add_argument_group("method and optimisation")
+    g.add_argument("--method", help="training method (see `robustprompt methods`)")
+    g.add_argument("--param", action="append", metavar="KEY=VALUE", help="a method hyperparameter, repeatable")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset")
+    g.add_argument("--root")
+    g.add_argument("--split")
+    g.add_argument("--classes", choices=["all", "base", "new"])
+    g.add_argument("--shots", type=int, help="images per class (few-shot draw, seeded)")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--workers", type=int)
+    g.add_argument("--augment", choices=["coop", "flip", "none"])
+    g.add_argument("--download", action="store_const", const=True, default=None)
+    g = p.add_argument_group("training attack (/255 units)")
+    g.add_argument("--train-eps", type=float)
+    g.add_argument("--train-alpha", type=float)
+    g.add_argument("--train-steps", type=int)
+    add_run_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="train + evaluate over seeds (and a grid), summarise mean ± std")
+    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a dotted key, e.g. train.data.root=/data (pins grid keys); repeatable")
+    p.add_argument("--out", help="experiment folder (default runs/experiments/<name>)")
+    p.add_argument("--device")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("methods", help="list the training-time methods")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("pretrain-demo", help="build (or verify) the embedded demo backbone")
     p.add_argument("--root", help="where Fashion-MNIST lies, if not in /usr/share/datasets/fashion-mnist")

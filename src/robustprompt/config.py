@@ -89,11 +89,30 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    defaults = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(_onto_field_default(defaults[k], v), hints[k], f"{where}.{k}")
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _onto_field_default(f: dataclasses.Field, value: Any) -> Any:
+    """A partial mapping for a dataclass-valued field overrides that field's own default (e.g. a
+    training attack given as {eps: 4} keeps the training default steps=2, not the class default)."""
+    if not isinstance(value, dict):
+        return value
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        return value
+    if not is_dataclass(default):
+        return value
+    return {**to_dict(default), **value}
 
 
 def to_dict(obj: Any) -> Any:

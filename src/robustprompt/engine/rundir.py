@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -67,11 +68,8 @@ class RunDir:
                 diff = _first_difference(semantic_config(old or {}), semantic_config(self.config))
                 raise ConfigError(f"{self.path} holds a different run ({diff}); choose another --out "
                                   "or pass --overwrite to replace it")
-            if is_main:
-                for f in self.path.glob("records*.jsonl"):
-                    f.unlink()
-                for name in ("metrics.json",):
-                    (self.path / name).unlink(missing_ok=True)
+            if is_main:  # it is a run directory (it has config.yaml): replace all of it
+                shutil.rmtree(self.path)
         if is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cfg_file, yaml.safe_dump(self.config, sort_keys=False))

@@ -91,10 +91,24 @@ class PromptedClassifier(nn.Module):
         self._classnames = list(classnames)
         self._templates = templates if self.text_ctx_len == 0 else [templates[0]]
         texts = prompt_texts(self._classnames, self._templates, self.text_ctx_len)
+        self._check_length(texts)
         tokens = self.tokenizer(texts)
         device = self.mean.device
         self.register_buffer("tokens", tokens.to(device), persistent=False)
         self._cache = None
+
+    def _check_length(self, texts: list[str]) -> None:
+        """A prompt longer than the text tower's context would be cut silently (and a learned
+        context would no longer line up): refuse it instead."""
+        encode = getattr(self.tokenizer, "encode", None)
+        ctx = getattr(self.tokenizer, "context_length", None)
+        if encode is None or ctx is None:
+            return
+        for text in texts:
+            n = len(encode(text)) + 2  # start and end tokens
+            if n > ctx:
+                hint = " (lower the prompt's n_ctx)" if self.text_ctx_len else ""
+                raise ModelError(f"the prompt {text!r} needs {n} tokens but the text tower holds {ctx}{hint}")
 
     @property
     def n_templates(self) -> int:

@@ -37,3 +37,13 @@ def _threat_text(t: dict[str, Any]) -> str:
         if t.get("loss", "ce") != "ce":
             parts.append(f"loss={t['loss']}")
     return " ".join(parts)
+
+
+def print_train_summary(m: dict[str, Any]) -> None:
+    shots = "all" if m.get("shots") is None else f"{m['shots']}-shot"
+    print(f"trained {m['method']} on {m['dataset']} ({shots}, {m['n_train']} images, seed {m['seed']}) "
+          f"— {m['n_prompt_parameters']} prompt parameters")
+    for h in m.get("epochs", [])[-3:]:
+        accs = " ".join(f"{k}={h[k]:.1f}" for k in ("train_clean_acc", "train_adv_acc") if k in h)
+        print(f"  epoch {h['epoch']}: loss {h['loss']:.4f} lr {h['lr']:.2e} {accs}")
+    print(f"  wall time: {m['wall_time_s']:.1f} s")

@@ -1,0 +1,187 @@
+"""`robustprompt run CONFIG.yaml`: train, then evaluate clean and robust accuracy, over seeds and
+over a grid of settings (methods × datasets × shots …), and summarise mean ± std.
+
+Every (grid point, seed) gets a training run directory and one evaluation run directory per
+target, so a killed experiment resumes where it stopped and finished runs are never redone.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..config import AttackSpec, DataSpec, ModelSpec, from_dict, set_dotted, to_dict
+from ..errors import ConfigError
+from ..paths import atomic_write_text
+from ..report.console import format_table
+from .evaluate import EvalConfig, evaluate
+from .train import TrainConfig, train, train_config_from_dict
+
+
+def _paper_eval_attack() -> AttackSpec:
+    return AttackSpec(attack="pgd", eps=1.0, alpha=1.0, steps=100)
+
+
+@dataclass
+class EvalTarget:
+    """One evaluation of every trained run. Unset fields follow the training data."""
+
+    dataset: Optional[str] = None
+    root: Optional[str] = None
+    split: str = "test"
+    classes: Optional[str] = None       # default: the training classes (base stays base)
+    subset: Optional[int] = None
+    subset_seed: int = 0
+    batch_size: int = 64
+    workers: int = 0
+    name: Optional[str] = None          # column label; default "<dataset>[/<classes>]"
+
+
+@dataclass
+class ExperimentEval:
+    attack: AttackSpec = field(default_factory=_paper_eval_attack)
+    targets: list[EvalTarget] = field(default_factory=lambda: [EvalTarget()])
+    templates: str = "dataset"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    train: dict = field(default_factory=dict)          # a TrainConfig, validated per grid point
+    eval: ExperimentEval = field(default_factory=ExperimentEval)
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    grid: dict = field(default_factory=dict)           # dotted key under train/eval → list of values
+    out: Optional[str] = None
+    device: str = "auto"
+
+
+@dataclass
+class Point:
+    """One grid point: a label, its settings, its train config per seed and its eval targets."""
+
+    key: str
+    settings: dict[str, Any]
+    train: dict[int, TrainConfig]
+    evals: list[tuple[str, EvalTarget]]
+    attack: AttackSpec
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("_") or "x"
+
+
+def expand(cfg: ExperimentConfig, where: str = "config") -> list[Point]:
+    """Every grid point with its validated configs — all checked before anything runs."""
+    if not cfg.seeds:
+        raise ConfigError(f"{where}: seeds must list at least one seed")
+    keys = list(cfg.grid)
+    for k in keys:
+        if not k.startswith(("train.", "eval.attack.")):
+            raise ConfigError(f"{where}: grid key {k!r} must start with 'train.' or 'eval.attack.'")
+        if not isinstance(cfg.grid[k], list) or not cfg.grid[k]:
+            raise ConfigError(f"{where}: grid.{k} must be a non-empty list")
+    points = []
+    for values in itertools.product(*(cfg.grid[k] for k in keys)) if keys else [()]:
+        settings = dict(zip(keys, values))
+        raw = {"train": json.loads(json.dumps(cfg.train)), "eval": {"attack": to_dict(cfg.eval.attack)}}
+        for k, v in settings.items():
+            set_dotted(raw, k, v)
+        key = ",".join(f"{k.split('.')[-1]}={_slug(v)}" for k, v in settings.items()) or "default"
+        here = f"{where} [{key}]"
+        attack = from_dict(AttackSpec, raw["eval"]["attack"], f"{here}: eval.attack")
+        trains = {}
+        for seed in cfg.seeds:
+            t = dict(raw["train"])
+            t["seed"] = seed
+            t.setdefault("device", cfg.device)
+            trains[seed] = train_config_from_dict(t, f"{here}: train")
+        first = trains[cfg.seeds[0]]
+        evals = []
+        for target in cfg.eval.targets:
+            dataset = target.dataset or first.data.dataset
+            classes = target.classes or first.data.classes
+            label = target.name or (dataset if classes == "all" else f"{dataset}/{classes}")
+            evals.append((label, target))
+        labels = [lab for lab, _ in evals]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"{where}: eval targets need distinct names, got {labels}")
+        points.append(Point(key, settings, trains, evals, attack))
+    return points
+
+
+def _eval_config(point: Point, seed: int, target: EvalTarget, train_dir: Path, cfg: ExperimentConfig) -> EvalConfig:
+    tc = point.train[seed]
+    data = DataSpec(dataset=target.dataset or tc.data.dataset,
+                    root=target.root if target.root is not None else tc.data.root,
+                    split=target.split, classes=target.classes or tc.data.classes, subset=target.subset,
+                    subset_seed=target.subset_seed, batch_size=target.batch_size, workers=target.workers,
+                    download=tc.data.download)
+    return EvalConfig(model=ModelSpec(run=str(train_dir), templates=cfg.eval.templates), data=data,
+                      attack=point.attack, seed=seed, device=cfg.device)
+
+
+def run_experiment(cfg: ExperimentConfig, out: Optional[str | Path] = None, *, progress: bool = True,
+                   where: str = "config") -> Optional[dict[str, Any]]:
+    points = expand(cfg, where)
+    root = Path(out or cfg.out or Path("runs") / "experiments" / _slug(cfg.name))
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "experiment.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    rows = []
+    for point in points:
+        for seed in cfg.seeds:
+            seed_dir = root / point.key / f"seed-{seed}"
+            train(point.train[seed], seed_dir / "train", progress=progress)
+            for label, target in point.evals:
+                m = evaluate(_eval_config(point, seed, target, seed_dir / "train", cfg),
+                             seed_dir / f"eval-{_slug(label)}", progress=progress)
+                if m is not None:
+                    rows.append({"point": point.key, **{k.split(".")[-1]: v for k, v in point.settings.items()},
+                                 "method": m["method"], "target": label, "seed": seed,
+                                 "clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"],
+                                 "threat": m["threat"], "run": str(seed_dir / f"eval-{_slug(label)}")})
+    summary = summarize(rows, cfg)
+    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(root / "summary.md", summary["markdown"])
+    return summary
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(rows: list[dict], cfg: ExperimentConfig) -> dict[str, Any]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["point"], r["target"]), []).append(r)
+    agg = []
+    for (point, target), rs in groups.items():
+        c, cs = mean_std([r["clean_acc"] for r in rs])
+        a, as_ = mean_std([r["robust_acc"] for r in rs])
+        agg.append({"point": point, "method": rs[0]["method"], "target": target, "seeds": [r["seed"] for r in rs],
+                    "clean_mean": c, "clean_std": cs, "robust_mean": a, "robust_std": as_,
+                    "n": rs[0]["n"], "threat": rs[0]["threat"], "runs": [r["run"] for r in rs]})
+    table_rows = [[g["point"], g["target"], f"{g['clean_mean']:.2f} ± {g['clean_std']:.2f}",
+                   f"{g['robust_mean']:.2f} ± {g['robust_std']:.2f}"] for g in agg]
+    threat = agg[0]["threat"] if agg else {}
+    caption = (f"Mean ± sample std over seeds {cfg.seeds}. Robust accuracy under "
+               f"{cfg.eval.attack.threat().short()} (float32).")
+    md = format_table(["setting", "evaluated on", "clean", "robust"], table_rows) + f"\n\n{caption}\n"
+    return {"name": cfg.name, "rows": rows, "aggregate": agg, "threat": threat, "markdown": md}
+
+
+def load_experiment(path: str | Path, overrides: Optional[dict] = None) -> ExperimentConfig:
+    from ..config import deep_merge, load_yaml
+
+    raw = load_yaml(path)
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    cfg = from_dict(ExperimentConfig, raw, str(path))
+    expand(cfg, str(path))  # validate every grid point now, not hours later
+    return cfg

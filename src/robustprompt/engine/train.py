@@ -1,0 +1,376 @@
+"""`robustprompt train`: few-shot prompt tuning with one method on one dataset.
+
+SGD + cosine schedule with a constant warm-up epoch (CoOp's recipe), only prompt parameters
+trainable, one checkpoint of the prompt tensors (+ optimiser momentum) per epoch, resume from the
+last checkpoint with the same result as an uninterrupted run: every epoch reseeds its data order,
+augmentation and attack randomness from (seed, epoch), so nothing depends on where a run stopped.
+Several processes split each global batch and average prompt gradients (accelerate's `reduce`);
+the training attack runs inside each process on the plain classifier, with no gradient sync.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..api import get_backbone, resolve_device, resolve_templates
+from ..config import AttackSpec, ModelSpec, to_dict
+from ..data import base_new_split, build_dataset, clip_transform, few_shot_indices
+from ..errors import ConfigError, RobustPromptError
+from ..methods import build_method
+from ..methods.base import Method
+from ..models import PromptedClassifier
+from ..paths import atomic_write_text
+from .evaluate import environment
+from .rundir import RunDir, config_hash
+from .sharded import IndexedImages
+
+
+class TrainingError(RobustPromptError):
+    """Training cannot go on (a non-finite loss)."""
+
+
+@dataclass
+class TrainDataSpec:
+    dataset: str = "fashion_mnist"
+    root: Optional[str] = None
+    split: str = "train"
+    shots: Optional[int] = 16           # per class; null = the whole split
+    classes: str = "all"                # all | base (base-to-new protocol trains on base)
+    batch_size: int = 32
+    workers: int = 0
+    augment: str = "coop"               # coop (random resized crop + flip) | flip | none
+    download: bool = False
+
+    def __post_init__(self) -> None:
+        if self.classes not in ("all", "base", "new"):
+            raise ConfigError(f"data.classes must be all, base or new, got {self.classes!r}")
+        if self.augment not in ("coop", "flip", "none"):
+            raise ConfigError(f"data.augment must be coop, flip or none, got {self.augment!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.shots is not None and self.shots < 1:
+            raise ConfigError(f"data.shots must be >= 1 (or null for all), got {self.shots}")
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 0.0035
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 10
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    schedule: str = "cosine"            # cosine | constant
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.lr <= 0 or self.warmup_epochs < 0:
+            raise ConfigError(f"optim needs epochs >= 1, lr > 0, warmup_epochs >= 0 (got {self.epochs}, "
+                              f"{self.lr}, {self.warmup_epochs})")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
+
+    def lr_at(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr
+        if self.schedule == "constant":
+            return self.lr
+        return 0.5 * self.lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / self.epochs))
+
+
+@dataclass
+class MethodSpec:
+    name: str = "cba_fapt"
+    params: dict = field(default_factory=dict)
+
+
+def _default_train_attack() -> AttackSpec:
+    return AttackSpec(attack="pgd", eps=1.0, alpha=1.0, steps=2)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: TrainDataSpec = field(default_factory=TrainDataSpec)
+    method: MethodSpec = field(default_factory=MethodSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    train_attack: AttackSpec = field(default_factory=_default_train_attack)
+    seed: int = 0
+    device: str = "auto"
+
+
+def _train_transform(image_size: int, augment: str):
+    import torchvision.transforms as T
+
+    if augment == "coop":
+        return clip_transform(image_size, train=True)
+    base = clip_transform(image_size, train=False)
+    if augment == "flip":
+        return T.Compose([base, T.RandomHorizontalFlip()])
+    return base
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def default_train_dir(cfg_dict: dict, cfg: TrainConfig) -> Path:
+    shots = "all" if cfg.data.shots is None else f"{cfg.data.shots}shot"
+    ds = cfg.data.dataset.replace(":", "_").replace("/", "_")
+    return Path("runs") / "train" / f"{cfg.method.name}-{ds}-{shots}-seed{cfg.seed}-{config_hash(cfg_dict)}"
+
+
+def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
+          progress: bool = True) -> Optional[dict[str, Any]]:
+    """Train (or resume, or return the finished) run; returns its summary on the main process."""
+    from accelerate import PartialState
+    from accelerate.utils import reduce
+
+    device = resolve_device(cfg.device)
+    state = PartialState(cpu=device.type == "cpu")
+    if device.type == "cuda":
+        device = state.device
+    method = build_method(cfg.method.name, cfg.method.params, cfg.train_attack.threat())
+    prompt_cfg = cfg.model.prompt or method.default_prompt
+    config = {"kind": "train", **to_dict(cfg)}
+    config["model"]["prompt"] = prompt_cfg.to_dict()   # record what was used, not "default"
+    config["method"]["params"] = to_dict(method.params)
+    run = RunDir(out or default_train_dir(config, cfg), config, overwrite=overwrite)
+    run.prepare(is_main=state.is_main_process)
+    state.wait_for_everyone()
+    if (run.path / "prompts.safetensors").exists() and run.metrics() is not None:
+        return run.metrics() if state.is_main_process else None
+
+    # ---------------------------------------------------------------- data
+    dataset = build_dataset(cfg.data.dataset, cfg.data.root, download=cfg.data.download)
+    if cfg.data.classes != "all":
+        dataset = base_new_split(dataset, cfg.data.classes)
+    split = dataset.split(cfg.data.split)
+    if cfg.data.shots is None:
+        indices = list(range(len(split)))
+    else:
+        indices = few_shot_indices(split, cfg.data.shots, cfg.seed,
+                                   cache_key=f"{dataset.name}/{cfg.data.split}", classnames=dataset.classnames)
+
+    # ---------------------------------------------------------------- model and method
+    backbone = get_backbone(cfg.model.name, cfg.model.pretrained, cfg.model.quick_gelu, device)
+    templates = resolve_templates(cfg.model.templates, dataset)
+
+    def make_classifier(prompt) -> PromptedClassifier:
+        return PromptedClassifier(backbone, dataset.classnames, prompt, templates).to(device)
+
+    _seed_everything(cfg.seed)   # prompt initialisation
+    clf = make_classifier(prompt_cfg)
+    method.setup(clf, make_classifier)
+    groups = [g for g in method.trainable_groups(clf) if g]
+    t_start = time.time()
+    if not method.trains or not groups:
+        return _finish(run, clf, method, cfg, dataset, indices, [], t_start, state)
+
+    opt = cfg.optim
+    optimizer = torch.optim.SGD([{"params": g} for g in groups], lr=opt.lr, momentum=opt.momentum,
+                                weight_decay=opt.weight_decay)
+    params = [p for g in groups for p in g]
+    history, start_epoch = _resume(run, clf, method, optimizer)
+    if start_epoch and state.is_main_process and progress:
+        tqdm.write(f"resuming {run.path} after epoch {start_epoch}")
+
+    transform = _train_transform(clf.image_size, cfg.data.augment)
+    data = IndexedImages(split, indices, transform)
+    B, W, rank = cfg.data.batch_size, state.num_processes, state.process_index
+    steps_per_epoch = math.ceil(len(indices) / B)
+    bar = tqdm(total=(opt.epochs - start_epoch) * steps_per_epoch, desc=f"train {method.name} {dataset.name}",
+               unit="step", disable=not (progress and state.is_main_process), dynamic_ncols=True)
+    clf.train()
+    for epoch in range(start_epoch, opt.epochs):
+        lr = opt.lr_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        epoch_seed = cfg.seed * 100_003 + epoch
+        order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+        batches = [order[s * B:(s + 1) * B][rank::W] for s in range(steps_per_epoch)]
+        _seed_everything(epoch_seed * 31 + rank)
+        loader = DataLoader(data, batch_sampler=[b for b in batches if b], num_workers=cfg.data.workers)
+        it = iter(loader)
+        t_epoch = time.time()
+        sums: dict[str, float] = {}
+        counts = {"n": 0, "clean": 0, "adv": 0, "n_clean": 0, "n_adv": 0}
+        for s, local in enumerate(batches):
+            n_global = min(B, len(indices) - s * B)
+            optimizer.zero_grad(set_to_none=False)
+            if local:
+                x, y, _ = next(it)
+                x, y = x.to(device), y.to(device)
+                result = method.step(clf, x, y)
+                _check_finite(result.terms, result.loss, epoch, s, run)
+                (result.loss * (len(local) / n_global)).backward()
+                _accumulate(sums, counts, result, y)
+            if W > 1:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad = reduce(p.grad, reduction="sum")
+            optimizer.step()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, **_postfix(sums, counts))
+        summary = _epoch_summary(sums, counts, epoch, lr, state, reduce)
+        summary["time_s"] = round(time.time() - t_epoch, 3)
+        history.append(summary)
+        if state.is_main_process:
+            _save_checkpoint(run, clf, method, optimizer, epoch, summary)
+        state.wait_for_everyone()
+    bar.close()
+    clf.eval()
+    return _finish(run, clf, method, cfg, dataset, indices, history, t_start, state)
+
+
+# -------------------------------------------------------------------- helpers
+def _check_finite(terms: dict[str, torch.Tensor], loss: torch.Tensor, epoch: int, step: int, run: RunDir) -> None:
+    for name, value in {**terms, "loss": loss}.items():
+        if isinstance(value, torch.Tensor) and not torch.isfinite(value).all():
+            last = sorted((run.path / "checkpoints").glob("epoch-*.safetensors"))
+            where = f"the last good checkpoint is {last[-1].name}" if last else "no checkpoint was written yet"
+            raise TrainingError(f"loss term '{name}' is {value.item()} at epoch {epoch}, step {step}; "
+                                f"stopping ({where}). Lower optim.lr or check the data.")
+
+
+def _accumulate(sums: dict[str, float], counts: dict[str, int], result, y: torch.Tensor) -> None:
+    n = len(y)
+    counts["n"] += n
+    for k, v in {**result.terms, "loss": result.loss}.items():
+        sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) * n
+    if result.clean_logits is not None:
+        counts["clean"] += int((result.clean_logits.argmax(1) == y).sum())
+        counts["n_clean"] += n
+    if result.adv_logits is not None:
+        counts["adv"] += int((result.adv_logits.argmax(1) == y).sum())
+        counts["n_adv"] += n
+
+
+def _postfix(sums: dict[str, float], counts: dict[str, int]) -> dict[str, str]:
+    out = {"loss": f"{sums.get('loss', 0.0) / max(1, counts['n']):.3f}"}
+    if counts["n_clean"]:
+        out["acc"] = f"{100 * counts['clean'] / counts['n_clean']:.1f}"
+    if counts["n_adv"]:
+        out["adv_acc"] = f"{100 * counts['adv'] / counts['n_adv']:.1f}"
+    return out
+
+
+def _epoch_summary(sums, counts, epoch, lr, state, reduce) -> dict[str, Any]:
+    keys = sorted(sums)
+    vec = torch.tensor([sums[k] for k in keys] + [counts[k] for k in ("n", "clean", "adv", "n_clean", "n_adv")],
+                       dtype=torch.float64)
+    if state.num_processes > 1:
+        vec = reduce(vec.to(state.device), reduction="sum").cpu()
+    n, clean, adv, n_clean, n_adv = vec[len(keys):].tolist()
+    out: dict[str, Any] = {"epoch": epoch, "lr": lr}
+    out.update({k: vec[i].item() / max(1.0, n) for i, k in enumerate(keys)})
+    if n_clean:
+        out["train_clean_acc"] = 100 * clean / n_clean
+    if n_adv:
+        out["train_adv_acc"] = 100 * adv / n_adv
+    return out
+
+
+def _ckpt_name(epoch: int) -> str:
+    return f"epoch-{epoch:03d}"
+
+
+def _save_checkpoint(run: RunDir, clf, method: Method, optimizer, epoch: int, summary: dict) -> None:
+    ckdir = run.path / "checkpoints"
+    ckdir.mkdir(exist_ok=True)
+    tensors = {f"prompt.{k}": v.contiguous() for k, v in clf.prompt_state_dict().items()}
+    tensors.update({f"extra.{k}": v.detach().contiguous() for k, v in method.extra_state().items()})
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"optim.{gi}.{pi}"] = buf.detach().contiguous()
+    base = ckdir / _ckpt_name(epoch)
+    tmp = base.with_name(f".{base.name}.tmp.safetensors")
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(base.with_suffix(".safetensors"))
+    # the json is written last: a checkpoint counts only once both files exist
+    atomic_write_text(base.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+
+
+def _resume(run: RunDir, clf, method: Method, optimizer) -> tuple[list[dict], int]:
+    ckdir = run.path / "checkpoints"
+    done = sorted(p for p in ckdir.glob("epoch-*.json")) if ckdir.exists() else []
+    done = [p for p in done if p.with_suffix(".safetensors").exists()]
+    if not done:
+        return [], 0
+    last = done[-1]
+    tensors = load_file(str(last.with_suffix(".safetensors")))
+    device = clf.mean.device
+    clf.load_prompt_state_dict({k[len("prompt."):]: v.to(device) for k, v in tensors.items() if k.startswith("prompt.")})
+    method.load_extra_state({k[len("extra."):]: v.to(device) for k, v in tensors.items() if k.startswith("extra.")})
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            key = f"optim.{gi}.{pi}"
+            if key in tensors:
+                optimizer.state[p]["momentum_buffer"] = tensors[key].to(device).clone()
+    history = [json.loads(p.read_text()) for p in done]
+    return history, history[-1]["epoch"] + 1
+
+
+def _finish(run: RunDir, clf, method: Method, cfg: TrainConfig, dataset, indices, history, t_start, state):
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return None
+    extra = {k: v.detach().contiguous().cpu() for k, v in method.extra_state().items()}
+    if extra:  # e.g. APD's teacher prompts: kept, but not part of the trained classifier
+        save_file(extra, str(run.path / ".extra.tmp.safetensors"))
+        (run.path / ".extra.tmp.safetensors").replace(run.path / "method_state.safetensors")
+    tmp = run.path / ".prompts.tmp.safetensors"
+    save_file({k: v.contiguous().cpu() for k, v in clf.prompt_state_dict().items()}, str(tmp))
+    tmp.replace(run.path / "prompts.safetensors")
+    metrics = {
+        "kind": "train",
+        "method": method.name,
+        "dataset": dataset.name,
+        "classes": cfg.data.classes,
+        "n_classes": len(dataset.classnames),
+        "shots": cfg.data.shots,
+        "n_train": len(indices),
+        "seed": cfg.seed,
+        "backbone": clf.backbone_info,
+        "prompt": clf.prompt_cfg.to_dict(),
+        "n_prompt_parameters": sum(p.numel() for p in clf.prompt_parameters()),
+        "train_threat": method.train_threat.describe() if method.adversarial else None,
+        "epochs": history,
+        "wall_time_s": round(sum(h.get("time_s", 0.0) for h in history), 3),
+        "wall_time_this_session_s": round(time.time() - t_start, 3),
+        "environment": environment(),
+    }
+    run.write_json("metrics.json", metrics)
+    state.wait_for_everyone()
+    return metrics
+
+
+def train_config_from_dict(raw: dict, where: str = "config") -> TrainConfig:
+    """Build a TrainConfig from YAML-style data. A partial `model.prompt` (say `{depth: 3}`)
+    adjusts the method's default prompt layout rather than replacing it."""
+    from ..config import from_dict
+    from ..methods import method_class
+
+    raw = json.loads(json.dumps(raw or {}))
+    prompt = (raw.get("model") or {}).get("prompt")
+    if isinstance(prompt, dict):
+        name = (raw.get("method") or {}).get("name", MethodSpec.name)
+        raw["model"]["prompt"] = {**method_class(name).default_prompt.to_dict(), **prompt}
+    cfg = from_dict(TrainConfig, raw, where)
+    build_method(cfg.method.name, cfg.method.params, cfg.train_attack.threat())  # validates params now
+    return cfg

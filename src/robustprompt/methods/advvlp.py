@@ -1,0 +1,11 @@
+"""Adversarial independent vision-language prompts: CE on PGD examples."""
+from ..models import PromptConfig
+from .adversarial_ce import AdversarialCE
+from .base import register
+
+
+@register
+class AdvVLP(AdversarialCE):
+    name = "advvlp"
+    summary = "Adversarial independent vision-language prompts: CE on PGD examples"
+    default_prompt = PromptConfig(coupling="independent", n_ctx=2, depth=9)

@@ -1,0 +1,11 @@
+"""Independent vision-language prompts, clean CE."""
+from ..models import PromptConfig
+from .clean import CleanPromptTuning
+from .base import register
+
+
+@register
+class IVLP(CleanPromptTuning):
+    name = "ivlp"
+    summary = "Independent vision-language prompts, clean CE"
+    default_prompt = PromptConfig(coupling="independent", n_ctx=2, depth=9)

@@ -1,0 +1,11 @@
+"""Multi-modal prompt learning (Khattak et al. 2023): vision prompts projected from text prompts, clean CE."""
+from ..models import PromptConfig
+from .clean import CleanPromptTuning
+from .base import register
+
+
+@register
+class MaPLe(CleanPromptTuning):
+    name = "maple"
+    summary = "Multi-modal prompt learning (Khattak et al. 2023): vision prompts projected from text prompts, clean CE"
+    default_prompt = PromptConfig(coupling="coupled", n_ctx=2, depth=9)
