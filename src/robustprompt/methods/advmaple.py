@@ -7,5 +7,6 @@ from .base import register
 @register
 class AdvMaPLe(AdversarialCE):
     name = "advmaple"
+    title = "AdvMaPLe"
     summary = "Adversarial MaPLe: CE on PGD examples with MaPLe's coupled prompts"
     default_prompt = PromptConfig(coupling="coupled", n_ctx=2, depth=9)

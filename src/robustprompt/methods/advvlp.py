@@ -7,5 +7,6 @@ from .base import register
 @register
 class AdvVLP(AdversarialCE):
     name = "advvlp"
+    title = "AdvVLP"
     summary = "Adversarial independent vision-language prompts: CE on PGD examples"
     default_prompt = PromptConfig(coupling="independent", n_ctx=2, depth=9)

@@ -39,6 +39,7 @@ class APDParams:
 @register
 class APD(Method):
     name = "apd"
+    title = "APD"
     summary = "APD: adversarial student distilled from a clean teacher CLIP (online or frozen)"
     default_prompt = PromptConfig(coupling="independent", n_ctx=2, depth=9)
     adversarial = True

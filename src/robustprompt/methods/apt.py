@@ -25,6 +25,7 @@ class APTParams:
 @register
 class APT(Method):
     name = "apt"
+    title = "APT"
     summary = "Adversarial text prompt (APT): CE on PGD examples from the on-the-fly or the fixed prompt"
     default_prompt = PromptConfig(coupling="text", n_ctx=16, depth=1)
     adversarial = True

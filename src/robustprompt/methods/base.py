@@ -38,6 +38,7 @@ class Method:
     """Base class. Subclasses set the class attributes and implement `step`."""
 
     name: ClassVar[str] = ""
+    title: ClassVar[str] = ""               # display name in tables ("CBA-FAPT")
     summary: ClassVar[str] = ""
     default_prompt: ClassVar[PromptConfig] = PromptConfig()
     adversarial: ClassVar[bool] = False

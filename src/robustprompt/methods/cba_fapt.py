@@ -50,6 +50,7 @@ def masked_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, valid: torch.Tenso
 @register
 class CBAFAPT(Method):
     name = "cba_fapt"
+    title = "CBA-FAPT"
     summary = "CBA-FAPT: L_nat + α·L_adv + β·L_VAA + γ·L_TAA with bidirectional attribution alignment"
     default_prompt = PromptConfig(coupling="coupled-v2t", n_ctx=2, depth=9)
     adversarial = True

@@ -28,6 +28,7 @@ def kl_per_example(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torc
 @register
 class FAP(Method):
     name = "fap"
+    title = "FAP"
     summary = "FAP: clean CE + λ₁·KL(p(x)‖p(x̃))·(1 + cos(f(x), f(x̃))), KL-maximising attack"
     default_prompt = PromptConfig(coupling="coupled-v2t", n_ctx=2, depth=9)
     adversarial = True

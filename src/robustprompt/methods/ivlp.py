@@ -7,5 +7,6 @@ from .base import register
 @register
 class IVLP(CleanPromptTuning):
     name = "ivlp"
+    title = "IVLP"
     summary = "Independent vision-language prompts, clean CE"
     default_prompt = PromptConfig(coupling="independent", n_ctx=2, depth=9)

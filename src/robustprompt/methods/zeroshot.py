@@ -6,6 +6,7 @@ from .base import Method, register
 @register
 class ZeroShot(Method):
     name = "zeroshot"
+    title = "zero-shot CLIP"
     summary = "Zero-shot CLIP with the dataset's hand-written template; nothing is trained"
     default_prompt = PromptConfig(coupling="none")
 
