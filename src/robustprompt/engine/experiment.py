@@ -72,6 +72,12 @@ class Point:
     attack: AttackSpec
 
 
+def setting_name(dotted: str) -> str:
+    """Short label of a grid key: train.data.shots → shots, train.method.name → method."""
+    parts = dotted.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+
 def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("_") or "x"
 
@@ -92,7 +98,7 @@ def expand(cfg: ExperimentConfig, where: str = "config") -> list[Point]:
         raw = {"train": json.loads(json.dumps(cfg.train)), "eval": {"attack": to_dict(cfg.eval.attack)}}
         for k, v in settings.items():
             set_dotted(raw, k, v)
-        key = ",".join(f"{k.split('.')[-1]}={_slug(v)}" for k, v in settings.items()) or "default"
+        key = ",".join(f"{setting_name(k)}={_slug(v)}" for k, v in settings.items()) or "default"
         here = f"{where} [{key}]"
         attack = from_dict(AttackSpec, raw["eval"]["attack"], f"{here}: eval.attack")
         trains = {}
@@ -141,7 +147,7 @@ def run_experiment(cfg: ExperimentConfig, out: Optional[str | Path] = None, *, p
                 m = evaluate(_eval_config(point, seed, target, seed_dir / "train", cfg),
                              seed_dir / f"eval-{_slug(label)}", progress=progress)
                 if m is not None:
-                    rows.append({"point": point.key, **{k.split(".")[-1]: v for k, v in point.settings.items()},
+                    rows.append({"point": point.key, **{setting_name(k): v for k, v in point.settings.items()},
                                  "method": m["method"], "target": label, "seed": seed,
                                  "clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"],
                                  "threat": m["threat"], "run": str(seed_dir / f"eval-{_slug(label)}")})

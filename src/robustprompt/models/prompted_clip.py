@@ -20,6 +20,12 @@ from .prompts import PromptConfig, PromptLearner
 from .trace import TowerTrace, TraceSpec, check_traceable, traced_block_forward
 
 
+def _per_sequence(ctx: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """n_ctx×d → n×n_ctx×d (shared); n×n_ctx×d passes through."""
+    ctx = ctx.to(dtype)
+    return ctx if ctx.dim() == 3 else ctx.expand(n, -1, -1)
+
+
 @dataclass
 class VisionTrace(TowerTrace):
     """Vision tower trace. Token layout per block: [CLS, patches (grid row-major), prompts]."""
@@ -166,21 +172,26 @@ class PromptedCLIP(nn.Module):
         return pooled @ v.proj if v.proj is not None else pooled
 
     # ------------------------------------------------------------------ text
-    def encode_text(self, tokens: torch.Tensor, trace: Optional[TraceSpec] = None
-                    ) -> tuple[torch.Tensor, Optional[TextTrace]]:
+    def encode_text(self, tokens: torch.Tensor, trace: Optional[TraceSpec] = None,
+                    text_prompts: Optional[list[torch.Tensor]] = None) -> tuple[torch.Tensor, Optional[TextTrace]]:
+        """text_prompts overrides the learned text context: per block, n_ctx×d (shared) or
+        S×n_ctx×d (one context per sequence — e.g. a prompt tuned per test image)."""
         if self._text_mod is None:
-            if trace is not None:
-                raise ModelError("tracing needs open_clip's standard text transformer")
+            if trace is not None or text_prompts is not None:
+                raise ModelError("tracing and prompt overrides need open_clip's standard text transformer")
             return self.clip.encode_text(tokens), None
         t = self._text_mod
-        prompts = self.prompt.text_prompts() if self.prompt is not None else None
+        if text_prompts is not None:
+            prompts = text_prompts
+        else:
+            prompts = self.prompt.text_prompts() if self.prompt is not None else None
         cast_dtype = t.transformer.get_cast_dtype()
         x = t.token_embedding(tokens).to(cast_dtype)
         S = x.shape[0]
         n_ctx = 0
         if prompts:
-            n_ctx = prompts[0].shape[0]
-            x = torch.cat([x[:, :1], prompts[0].to(cast_dtype).expand(S, -1, -1), x[:, 1 + n_ctx:]], dim=1)
+            n_ctx = prompts[0].shape[-2]
+            x = torch.cat([x[:, :1], _per_sequence(prompts[0], S, cast_dtype), x[:, 1 + n_ctx:]], dim=1)
         x = x + t.positional_embedding.to(cast_dtype)
         mask = t.attn_mask
         blocks = t.transformer.resblocks
@@ -188,7 +199,7 @@ class PromptedCLIP(nn.Module):
         rec = TextTrace(n_layers=len(blocks)) if trace is not None else None
         for b, blk in enumerate(blocks):
             if prompts and 1 <= b < len(prompts):
-                x = torch.cat([x[:, :1], prompts[b].to(cast_dtype).expand(S, -1, -1), x[:, 1 + n_ctx:]], dim=1)
+                x = torch.cat([x[:, :1], _per_sequence(prompts[b], S, cast_dtype), x[:, 1 + n_ctx:]], dim=1)
             if b in traced:
                 check_traceable(blk)
                 x, bt = traced_block_forward(blk, x, mask, record_attn=trace.attn)

@@ -1,0 +1,70 @@
+"""`robustprompt run`: grids × seeds, resumable, mean ± std from the runs' own metrics."""
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from robustprompt.cli import main
+from robustprompt.config import from_dict
+from robustprompt.engine.experiment import ExperimentConfig, expand, load_experiment, run_experiment
+from robustprompt.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = {
+    "name": "t",
+    "train": {"model": {"name": "demo", "prompt": {"depth": 2}},
+              "data": {"dataset": "fashion_mnist", "shots": 2, "batch_size": 10, "augment": "flip"},
+              "optim": {"epochs": 1}, "train_attack": {"eps": 4, "alpha": 2}},
+    "eval": {"attack": {"eps": 4, "steps": 2}, "targets": [{"subset": 20, "batch_size": 20}]},
+    "seeds": [1, 2],
+    "grid": {"train.method.name": ["advvp", "cba_fapt"]},
+    "device": "cpu",
+}
+
+
+def test_experiment_summary_matches_the_runs(tmp_path):
+    cfg = from_dict(ExperimentConfig, SMALL)
+    summary = run_experiment(cfg, tmp_path / "exp", progress=False)
+    assert len(summary["aggregate"]) == 2 and len(summary["rows"]) == 4
+    for g in summary["aggregate"]:
+        metrics = [json.loads((Path(r) / "metrics.json").read_text()) for r in g["runs"]]
+        robust = [m["robust_acc"] for m in metrics]
+        assert g["robust_mean"] == pytest.approx(statistics.fmean(robust))
+        assert g["robust_std"] == pytest.approx(statistics.stdev(robust))
+        assert all(m["method"] == g["method"] and m["threat"]["eps_255"] == 4 for m in metrics)
+        assert {m["train_seed"] for m in metrics} == {1, 2}
+    table = [line for line in (tmp_path / "exp" / "summary.md").read_text().splitlines() if line.startswith("|")]
+    assert sum(line.count("±") for line in table) == 4
+    # a second run redoes nothing
+    prompts = tmp_path / "exp" / "method=cba_fapt" / "seed-1" / "train" / "prompts.safetensors"
+    before = prompts.stat().st_mtime_ns
+    again = run_experiment(cfg, tmp_path / "exp", progress=False)
+    assert prompts.stat().st_mtime_ns == before
+    assert [g["robust_mean"] for g in again["aggregate"]] == [g["robust_mean"] for g in summary["aggregate"]]
+
+
+def test_cli_set_pins_a_grid_key(tmp_path, capsys):
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(SMALL))
+    rc = main(["run", str(tmp_path / "e.yaml"), "--set", "train.method.name=advvp", "--set", "seeds=[3]",
+               "--out", str(tmp_path / "exp"), "--no-progress"])
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir() if p.is_dir()) == ["method=advvp"]
+    assert "± 0.00" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
+def test_shipped_configs_validate(path):
+    cfg = load_experiment(ROOT / path)
+    assert expand(cfg)
+
+
+def test_bad_experiment_configs():
+    with pytest.raises(ConfigError, match="grid key 'data.shots'"):
+        expand(from_dict(ExperimentConfig, {**SMALL, "grid": {"data.shots": [1]}}))
+    with pytest.raises(ConfigError, match="unknown method 'fapp'"):
+        expand(from_dict(ExperimentConfig, {**SMALL, "grid": {"train.method.name": ["fapp"]}}))
+    with pytest.raises(ConfigError, match="distinct names"):
+        expand(from_dict(ExperimentConfig, {**SMALL, "eval": {"targets": [{}, {}]}}))
