@@ -1,0 +1,375 @@
+"""Find evaluation results on disk and read them into flat records for tables and plots.
+
+A run directory holds ``metrics.json``; experiments nest them
+(``<exp>/<point>/seed-<s>/eval-<target>/metrics.json``). `collect_runs` walks any folders it is
+given and keeps the results of kind ``eval`` and ``tta``; training runs are skipped.
+
+Every number a report shows is tied to a threat model, so each record carries ``threat_key``, a
+hashable canonical identity of the attack (plus ``adaptive`` and ``quantize_adv``). Tables and
+plots group by it and never put two threat models in one column.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from ..errors import ConfigError
+
+log = logging.getLogger("robustprompt")
+
+RESULT_KINDS = ("eval", "tta")
+
+# Display titles, in the row order tables use: zero-shot first, then baselines roughly as papers
+# introduce them, adversarial prompt methods, then test-time methods.
+METHOD_TITLES: dict[str, str] = {
+    "zeroshot": "Zero-shot CLIP",
+    "coop": "CoOp",
+    "vpt": "VPT",
+    "ivlp": "IVLP",
+    "maple": "MaPLe",
+    "advvp": "AdvVP",
+    "advvlp": "AdvVLP",
+    "advmaple": "AdvMaPLe",
+    "apt": "APT",
+    "fap": "FAP",
+    "cba_fapt": "CBA-FAPT",
+    "apd": "APD",
+    "tpt": "TPT",
+    "ctpt": "C-TPT",
+    "mta": "MTA",
+    "rtpt": "R-TPT",
+    "atpt": "A-TPT",
+}
+
+# Column order of the prompt-learning literature (ImageNet, the 10 CoOp sets, then the ImageNet
+# variants); other datasets follow alphabetically.
+DATASET_ORDER: tuple[str, ...] = (
+    "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+    "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
+    "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r",
+)
+
+_NORM_TEXT = {"linf": "ℓ∞", "l2": "ℓ2", "l1": "ℓ1"}
+
+
+def method_title(name: str) -> str:
+    """The display title of a method name; unknown names are shown as they are."""
+    return METHOD_TITLES.get(name, name)
+
+
+def method_rank(name: str) -> int:
+    """Position of a raw method name in the table row order (unknown names sort last)."""
+    keys = list(METHOD_TITLES)
+    return keys.index(name) if name in keys else len(keys)
+
+
+def dataset_rank(column: str) -> tuple[int, str]:
+    """Sort key for a column name such as ``dtd`` or ``caltech101/base``."""
+    base = column.split("/")[0].split("@")[0]
+    return (DATASET_ORDER.index(base) if base in DATASET_ORDER else len(DATASET_ORDER), column)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One evaluated run, flattened for reporting.
+
+    ``seed`` is the training seed when the prompts came from a training run (so that seeds line
+    up across the datasets a trained prompt is evaluated on), else the evaluation seed.
+    ``method`` is the display title; ``method_key`` the raw name (the test-time method for a
+    ``tta`` run); ``base_method`` the raw ``method`` field (the prompts a test-time method ran on).
+    """
+
+    path: Path
+    method: str
+    method_key: str
+    dataset: str
+    classes: str
+    shots: Optional[int]
+    seed: Optional[int]
+    clean_acc: float
+    robust_acc: float
+    n: Optional[int]
+    threat: dict[str, Any] = field(compare=False, hash=False)
+    threat_key: tuple[tuple[str, Any], ...]
+    threat_label: str
+    backbone: str
+    kind: str = field(default="eval", kw_only=True)
+    split: str = field(default="test", kw_only=True)
+    base_method: str = field(default="", kw_only=True)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False, kw_only=True)
+
+    @property
+    def column(self) -> str:
+        """The table column of this result: the dataset, with ``/base`` or ``/new`` for a
+        base-to-new split and ``@<split>`` when it is not the test split."""
+        col = self.dataset if self.classes in ("all", "", None) else f"{self.dataset}/{self.classes}"
+        return col if self.split in ("test", "", None) else f"{col}@{self.split}"
+
+
+def collect_runs(paths: Sequence[str | Path]) -> list[RunResult]:
+    """Every ``eval``/``tta`` result under ``paths`` (run directories, experiment folders, any
+    folder, or ``metrics.json`` files), sorted by path. Unreadable or malformed files are skipped
+    with a warning; ConfigError if no result is found at all."""
+    if isinstance(paths, (str, Path)):  # a single path is an easy mistake; accept it
+        paths = [paths]
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            log.warning("report: %s does not exist; skipped", p)
+            continue
+        found = [p] if p.is_file() else sorted(p.rglob("metrics.json"))
+        for f in found:
+            r = f.resolve()
+            if r not in seen:  # overlapping paths must not count a run twice
+                seen.add(r)
+                files.append(f)
+    runs = [r for r in (_read_run(f) for f in sorted(files)) if r is not None]
+    if not runs:
+        where = ", ".join(str(p) for p in paths) or "(no paths given)"
+        raise ConfigError(f"no evaluation results (metrics.json of kind 'eval' or 'tta') found under {where}")
+    return runs
+
+
+def _read_run(path: Path) -> Optional[RunResult]:
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        log.warning("report: cannot read %s (%s); skipped", path, e)
+        return None
+    if not isinstance(m, dict):
+        log.warning("report: %s does not hold a JSON object; skipped", path)
+        return None
+    kind = m.get("kind")
+    if kind not in RESULT_KINDS:
+        if kind != "train":
+            log.debug("report: %s has kind %r; not a result, skipped", path, kind)
+        return None
+    try:
+        return run_from_metrics(m, path.parent)
+    except (KeyError, TypeError, ValueError) as e:
+        log.warning("report: %s is malformed (%s); skipped", path, e)
+        return None
+
+
+def run_from_metrics(m: dict[str, Any], path: str | Path = ".") -> RunResult:
+    """A RunResult from a parsed metrics dict; KeyError/TypeError/ValueError when malformed."""
+    base_method = _str(m, "method")
+    method_key = str(m["tta_method"]) if m.get("tta_method") else base_method
+    threat = m.get("threat") or {}
+    if not isinstance(threat, dict):
+        raise TypeError("'threat' is not an object")
+    seed = m.get("train_seed", m.get("seed"))
+    shots = m.get("shots")
+    key = threat_key(threat, adaptive=m.get("adaptive", threat.get("adaptive", False)),
+                     quantize_adv=m.get("quantize_adv", threat.get("quantize_adv")))
+    return RunResult(
+        path=Path(path),
+        method=method_title(method_key),
+        method_key=method_key,
+        dataset=_str(m, "dataset"),
+        classes=str(m.get("classes") or "all"),
+        shots=None if shots is None else _int(shots, "shots"),
+        seed=None if seed is None else _int(seed, "seed"),
+        clean_acc=_num(m, "clean_acc"),
+        robust_acc=_num(m, "robust_acc"),
+        n=None if m.get("n") is None else _int(m["n"], "n"),
+        threat=threat,
+        threat_key=key,
+        threat_label=threat_label(key),
+        backbone=backbone_label(m.get("backbone")),
+        kind=str(m["kind"]),
+        split=str(m.get("split") or "test"),
+        base_method=base_method,
+        raw=m,
+    )
+
+
+def _str(m: dict[str, Any], k: str) -> str:
+    v = m[k]
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{k!r} should be a non-empty string, got {v!r}")
+    return v
+
+
+def _num(m: dict[str, Any], k: str) -> float:
+    v = m[k]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{k!r} should be a finite number, got {v!r}")
+    return float(v)
+
+
+def _int(v: Any, k: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+        raise ValueError(f"{k!r} should be an integer, got {v!r}")
+    return int(v)
+
+
+def _round(v: Any) -> Any:
+    # eps*255 from a float eps is 3.9999999…; identity must not hinge on float noise
+    return round(v, 4) if isinstance(v, float) else v
+
+
+def threat_key(threat: dict[str, Any], *, adaptive: Any = False, quantize_adv: Any = None) -> tuple[tuple[str, Any], ...]:
+    """A hashable canonical identity of a threat model: sorted (field, value) pairs.
+
+    Defaults are normalised away (random start on, float32, standard AutoAttack, not adaptive,
+    no quantisation) so that a run recording a default and one omitting it match.
+    """
+    attack = str(threat.get("attack", "none"))
+    eps = threat.get("eps_255")
+    if eps is None and threat.get("eps") is not None:
+        eps = float(threat["eps"]) * 255
+    if attack == "none" or (eps is not None and float(eps) == 0):
+        key: dict[str, Any] = {"attack": "none"}
+    else:
+        key = {"attack": attack, "norm": threat.get("norm"), "eps_255": _round(eps)}
+        if attack == "autoattack":
+            aa = threat.get("autoattack") if isinstance(threat.get("autoattack"), dict) else {}
+            version = threat.get("aa_version") or aa.get("version") or "standard"
+            if version != "standard":
+                key["aa_version"] = version
+        else:
+            alpha = threat.get("alpha_255")
+            if alpha is None and threat.get("alpha") is not None:
+                alpha = float(threat["alpha"]) * 255
+            for k, v in (("alpha_255", alpha), ("steps", threat.get("steps")),
+                         ("restarts", threat.get("restarts")), ("loss", threat.get("loss"))):
+                if v is not None:
+                    key[k] = _round(v)
+            if threat.get("random_start") is False:
+                key["random_start"] = False
+        if threat.get("precision") not in (None, "float32"):
+            key["precision"] = threat["precision"]
+    key["adaptive"] = bool(adaptive)
+    if quantize_adv:
+        key["quantize_adv"] = quantize_adv if isinstance(quantize_adv, (str, int, float)) else True
+    return tuple(sorted(key.items()))
+
+
+def threat_label(key: Iterable[tuple[str, Any]]) -> str:
+    """Human text for a threat key: 'PGD-100 ℓ∞ ε=1/255 α=1/255', 'AutoAttack ℓ∞ ε=4/255 (adaptive)'."""
+    t = dict(key)
+    attack = t.get("attack", "none")
+    if attack == "none":
+        text = "clean (no attack)"
+    else:
+        norm = _NORM_TEXT.get(str(t.get("norm")), str(t.get("norm")))
+        eps = f"ε={_g(t.get('eps_255'))}/255"
+        if attack == "autoattack":
+            name = "AutoAttack" if "aa_version" not in t else f"AutoAttack-{t['aa_version']}"
+            text = f"{name} {norm} {eps}"
+        elif attack == "pgd":
+            restarts = f" ×{t['restarts']}" if t.get("restarts", 1) != 1 else ""
+            loss = f" {t['loss']}" if t.get("loss", "ce") != "ce" else ""
+            alpha = f" α={_g(t['alpha_255'])}/255" if "alpha_255" in t else ""
+            text = f"PGD-{t.get('steps', '?')}{restarts}{loss} {norm} {eps}{alpha}"
+        else:
+            loss = f" {t['loss']}" if t.get("loss", "ce") != "ce" else ""
+            text = f"{attack.upper()}{loss} {norm} {eps}"
+    notes = []
+    if t.get("random_start") is False:
+        notes.append("no random start")
+    if "precision" in t:
+        notes.append(str(t["precision"]))
+    if t.get("adaptive"):
+        notes.append("adaptive")
+    if t.get("quantize_adv"):
+        q = t["quantize_adv"]
+        notes.append("quantized adv." if q is True else f"quantized adv. {q}")
+    return text + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _g(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
+def backbone_label(b: Any) -> str:
+    """'ViT-B-32 (openai)' from a metrics ``backbone`` entry (a dict or a plain name)."""
+    if isinstance(b, dict):
+        name, weights = b.get("name") or "?", b.get("weights")
+        return f"{name} ({weights})" if weights and weights != name else str(name)
+    return str(b) if b else "?"
+
+
+RowKey = tuple[str, str, Optional[int], str]
+
+
+def row_key(run: RunResult) -> RowKey:
+    """What makes a table row (or a plot series): method, the prompts under a test-time method,
+    shots and backbone. Seeds of the same row key are aggregated."""
+    return (run.method_key, run.base_method, run.shots, run.backbone)
+
+
+def sort_row_keys(keys: Iterable[RowKey]) -> list[RowKey]:
+    """Known methods in METHOD_TITLES order, unknown ones after by name; then shots ascending
+    (all-data runs last), then base method and backbone."""
+    return sorted(set(keys), key=lambda k: (method_rank(k[0]), k[0], method_rank(k[1]), k[1],
+                                           k[2] is None, k[2] or 0, k[3]))
+
+
+def row_labels(keys: Iterable[RowKey]) -> dict[RowKey, str]:
+    """Display labels for row keys: the method title, plus whichever of base method, shots and
+    backbone varies among the rows of the same method, e.g. 'CoOp (16-shot)', 'A-TPT (on CoOp)'."""
+    keys = sort_row_keys(keys)
+    labels = {}
+    for k in keys:
+        same = [o for o in keys if o[0] == k[0]]
+        notes = []
+        if len({o[1] for o in same}) > 1 and k[1] != k[0]:
+            notes.append(f"on {method_title(k[1])}")
+        if len({o[2] for o in same}) > 1:
+            notes.append("all data" if k[2] is None else f"{k[2]}-shot")
+        if len({o[3] for o in same}) > 1:
+            notes.append(k[3])
+        labels[k] = method_title(k[0]) + (f" ({', '.join(notes)})" if notes else "")
+    return labels
+
+
+_ATTACK_ORDER = ("none", "fgsm", "pgd", "autoattack")
+
+
+def threat_sort_key(key: Iterable[tuple[str, Any]]) -> tuple:
+    """Order of threat models in reports: non-adaptive first, then clean, FGSM, PGD, AutoAttack,
+    then by norm, budget and steps; anything else by its text."""
+    t = dict(key)
+    attack = t.get("attack")
+    rank = _ATTACK_ORDER.index(attack) if attack in _ATTACK_ORDER else len(_ATTACK_ORDER)
+    num = lambda v: float(v) if isinstance(v, (int, float)) else 0.0  # noqa: E731
+    return (bool(t.get("adaptive")), bool(t.get("quantize_adv")), rank, str(attack), str(t.get("norm")),
+            num(t.get("eps_255")), num(t.get("steps")), repr(sorted(t.items(), key=lambda kv: kv[0])))
+
+
+def group_by_threat(runs: Iterable[RunResult]) -> dict[tuple, list[RunResult]]:
+    """Runs grouped by threat model, groups in ``threat_sort_key`` order."""
+    groups: dict[tuple, list[RunResult]] = {}
+    for r in runs:
+        groups.setdefault(r.threat_key, []).append(r)
+    return {k: groups[k] for k in sorted(groups, key=threat_sort_key)}
+
+
+def threat_slug(key: Iterable[tuple[str, Any]]) -> str:
+    """A file-name-safe short name for a threat key: 'pgd100_linf_eps4_alpha1_adaptive'."""
+    t = dict(key)
+    if t.get("attack") == "none":
+        parts = ["clean"]
+    else:
+        parts = [f"{t['attack']}{t.get('steps', '')}", str(t.get("norm")), f"eps{_g(t.get('eps_255'))}"]
+        if "alpha_255" in t:
+            parts.append(f"alpha{_g(t['alpha_255'])}")
+        for k in ("restarts", "loss", "aa_version", "precision"):
+            if k in t and not (k == "restarts" and t[k] == 1) and not (k == "loss" and t[k] == "ce"):
+                parts.append(f"{k}{t[k]}" if k == "restarts" else str(t[k]))
+        if t.get("random_start") is False:
+            parts.append("norand")
+    if t.get("adaptive"):
+        parts.append("adaptive")
+    if t.get("quantize_adv"):
+        parts.append("quant")
+    return re.sub(r"[^A-Za-z0-9._]+", "-", "_".join(parts)).strip("-_") or "threat"
