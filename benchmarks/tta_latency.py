@@ -1,0 +1,132 @@
+"""Seconds per image of A-TPT: the toolkit against a straightforward implementation of the same
+computation organised as the released code does it, same model, same views, same run.
+
+straightforward:
+  rollout      one forward + backward per view (64 single-image passes; `.backward()` from the
+               top-1 score, gradients read off the traced block inputs)
+  selection    a forward over all views with the initial prompt
+  tuning       a forward over the selected views with the prompt being tuned (image tower again)
+  prediction   a forward over all views with the tuned prompt, TV-weighted ensemble
+toolkit (robustprompt.tta.atpt): the rollout of all views from one batched forward + backward
+  (autograd stops at the traced blocks), one forward over the final views, and text-only tuning
+  and prediction (the image tower does not depend on the text prompt).
+Both use the same views, maps post-processing, selection, loss and fusion; the script checks
+that they predict the same classes.
+Usage: python benchmarks/tta_latency.py [--models demo ViT-B-16] [--images 2] [--views 64]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from robustprompt.attribution.rollout import normalise_maps, total_variation, upsample
+from robustprompt.models import TraceSpec
+from robustprompt.tta.atpt import tv_fusion
+from robustprompt.tta.base import entropy
+from robustprompt.tta.procedures import build_procedure
+from robustprompt.tta.views import attention_guided_views, augmix_views
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def naive_rollout_map(clf, image: torch.Tensor) -> torch.Tensor:
+    """Token-gradient rollout of ONE image, the straightforward way: forward, full backward."""
+    n = clf.model.vision_layers
+    x = image[None].clone().requires_grad_(True)
+    out = clf.features(x, vision_trace=TraceSpec(blocks=(n - 2, n - 1), attn=True))
+    for b in (n - 2, n - 1):
+        out.vision[b].x_in.retain_grad()
+    score = out.logits[0, out.logits[0].argmax()]
+    score.backward()
+    mats = []
+    for b in (n - 2, n - 1):
+        t = out.vision[b]
+        w = torch.relu((t.x_in * t.x_in.grad).sum(-1))
+        w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+        m = torch.eye(w.shape[-1]) .to(w) + (t.attn.detach() * w[:, None, None, :]).mean(1)
+        mats.append(m / m.sum(-1, keepdim=True))
+    roll = mats[1] @ ((mats[0] + mats[1]) / 2)
+    return normalise_maps(roll[:, 0, out.vision.patch_slice].reshape(1, *out.vision.grid).detach())[0]
+
+
+def naive_atpt(proc, clf, image: torch.Tensor, seed: int) -> int:
+    p = proc.params
+    views = augmix_views(image, p.n_views, torch.Generator().manual_seed(seed), crop_scale=(p.crop_scale, 1.0))
+    maps = torch.stack([naive_rollout_map(clf, b) for b in views.bases])               # per view
+    full = upsample(maps, image.shape[-1])
+    final = attention_guided_views(views, full, ratio=p.ratio, m_high=p.m_high, m_low=p.m_low)
+    scale = clf.model.logit_scale.detach()
+    with torch.no_grad():
+        txt0 = clf.text_features()
+        ent = entropy(scale * clf.encode_image(final)[0] @ txt0.t())                    # selection pass
+        sel = ent.topk(p.n_selected, largest=False).indices
+    prompts = [torch.nn.Parameter(t.detach().clone()[None]) for t in clf.model.prompt.text_prompts()]
+    opt = torch.optim.AdamW(prompts, lr=p.lr, weight_decay=p.weight_decay)
+    for _ in range(p.steps):
+        with torch.no_grad():
+            feats_sel = clf.encode_image(final[sel])[0]                                  # tuning pass
+        txt = proc.text_features(clf, prompts)[0]
+        loss = entropy(scale * feats_sel @ txt.t()).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        txt = proc.text_features(clf, prompts)[0]
+        logits = scale * clf.encode_image(final)[0] @ txt.t()                           # prediction pass
+        probs = tv_fusion(logits[None], sel[None], maps[None])
+    return int(probs.argmax())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["demo", "ViT-B-16"])
+    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--views", type=int, default=64)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    from robustprompt.api import get_backbone
+    from robustprompt.engine.tta import TPT_PROMPT
+    from robustprompt.models import PromptedClassifier
+
+    rows = []
+    for name in args.models:
+        torch.manual_seed(0)
+        bb = get_backbone(name, device=device)
+        clf = PromptedClassifier(bb, [f"class {i}" for i in range(args.classes)], TPT_PROMPT).to(device)
+        proc = build_procedure("atpt", {"n_views": args.views})
+        images = torch.rand(args.images, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(1))
+        images = images.to(device)
+        proc.run(clf, images[:1], [0])   # warm-up
+        naive_atpt(proc, clf, images[0], 0)
+        sync(device)
+        t0 = time.perf_counter()
+        fast = [int(proc.run(clf, images[i:i + 1], [100 + i]).argmax()) for i in range(args.images)]
+        sync(device)
+        t_fast = (time.perf_counter() - t0) / args.images
+        t0 = time.perf_counter()
+        slow = [naive_atpt(proc, clf, images[i], 100 + i) for i in range(args.images)]
+        sync(device)
+        t_slow = (time.perf_counter() - t0) / args.images
+        rows.append((name, t_slow, t_fast, fast == slow))
+        print(f"{name}: straightforward {t_slow:.3f} s/img, toolkit {t_fast:.3f} s/img, "
+              f"speed-up {t_slow / t_fast:.2f}x, same predictions: {fast == slow}", flush=True)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else \
+        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    print(f"\nA-TPT, {args.views} views, {args.classes} classes, 1 tuning step, one image at a time, {where}, "
+          f"torch {torch.__version__}\n")
+    print("| backbone | straightforward (s/img) | toolkit (s/img) | speed-up | same predictions |")
+    print("|---|---:|---:|---:|---|")
+    for name, s, f, same in rows:
+        print(f"| {name} | {s:.3f} | {f:.3f} | {s / f:.2f}× | {'yes' if same else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
