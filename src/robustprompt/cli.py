@@ -178,6 +178,76 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tta(args: argparse.Namespace) -> int:
+    from .config import deep_merge, from_dict, load_yaml
+    from .engine.tta import TTAConfig, run_tta
+    from .report.console import print_metrics
+
+    base = load_yaml(args.config) if args.config else {}
+    raw = deep_merge(base, collect_overrides(args, MODEL_FLAGS, DATA_FLAGS, ATTACK_FLAGS, RUN_FLAGS,
+                                             {"method": "method.name", "adaptive": "adaptive",
+                                              "quantize_adv": "quantize_adv"}))
+    for item in args.param or []:
+        key, value = _parse_set(item)
+        raw.setdefault("method", {}).setdefault("params", {})[key] = value
+    cfg = from_dict(TTAConfig, raw, args.config or "config")
+    metrics = run_tta(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    if metrics is not None:
+        print_metrics(metrics)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .config import AttackSpec, ModelSpec
+    from .explain import run_explain
+
+    if (args.image is None) == (args.n is None):
+        from .errors import ConfigError
+
+        raise ConfigError("give either --image PATH (or 'example') or --n N images of --dataset")
+    attack = AttackSpec(attack="pgd", eps=args.eps, alpha=args.alpha, steps=args.steps)
+    model = ModelSpec(name=args.model, pretrained=args.pretrained, quick_gelu=args.quick_gelu)
+    written, pairs = run_explain(image=args.image, dataset=args.dataset, root=args.root, split=args.split, n=args.n or 1,
+                                 subset_seed=args.subset_seed, model=model, runs=args.run or [],
+                                 threat=attack.threat(), target=args.target, label=args.label, out=args.out,
+                                 device=args.device)
+    for p in pairs:
+        s = p.shift
+        print(f"{p.model}: CBA map shift ℓ2 {s['cba_l2']:.4g} (rank corr. {s['cba_spearman']:.2f}), "
+              f"rollout shift ℓ2 {s['rollout_l2']:.4g} (rank corr. {s['rollout_spearman']:.2f})")
+    print("wrote " + ", ".join(str(w) for w in written))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .paths import atomic_write_text
+    from .report.collect import collect_runs
+    from .report.tables import results_table
+
+    runs = collect_runs(args.runs)
+    text = results_table(runs, fmt=args.format)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        ext = {"md": "md", "csv": "csv", "latex": "tex"}[args.format]
+        atomic_write_text(out / f"results.{ext}", text if text.endswith("\n") else text + "\n")
+        if args.plot:
+            from .report.plots import few_shot_curves, tradeoff_scatter
+
+            written = tradeoff_scatter(runs, out / "tradeoff.png")
+            if any(r.shots is not None for r in runs):
+                written += few_shot_curves(runs, out / "few_shot.png")
+            print("wrote " + ", ".join(str(w) for w in written))
+    elif args.plot:
+        from .errors import ConfigError
+
+        raise ConfigError("--plot needs --out DIR for the figure files")
+    return 0
+
+
 def cmd_pretrain_demo(args: argparse.Namespace) -> int:
     import json
 
@@ -257,6 +327,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("tta", help="a test-time defence (TPT, C-TPT, MTA, R-TPT, A-TPT) under attack")
+    add_model_args(p)
+    add_data_args(p)
+    add_attack_args(p)
+    g = p.add_argument_group("test-time defence")
+    g.add_argument("--method", help="tpt, ctpt, mta, rtpt or atpt (default atpt)")
+    g.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a procedure setting, e.g. n_views=64, fusion=rtpt; repeatable")
+    g.add_argument("--adaptive", action="store_const", const=True, default=None,
+                   help="attack the whole defence (EOT-PGD through views and ensemble)")
+    g.add_argument("--quantize-adv", action="store_const", const=True, default=None,
+                   help="round adversarial images to 8 bits before the defence (off by default)")
+    add_run_args(p)
+    p.set_defaults(func=cmd_tta)
+
+    p = sub.add_parser("explain", help="attribution maps, clean vs adversarial, as a figure (PNG + PDF)")
+    p.add_argument("--image", help="an image file, or 'example' for the packaged Fashion-MNIST image")
+    p.add_argument("--n", type=int, help="explain N images of --dataset instead (a grid)")
+    p.add_argument("--dataset", default="fashion_mnist", help="where class names (and images) come from")
+    p.add_argument("--root")
+    p.add_argument("--split", default="test")
+    p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--label", help="true class name of --image (default: attack the clean prediction)")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--pretrained")
+    p.add_argument("--quick-gelu", action="store_const", const=True, default=None)
+    p.add_argument("--run", action="append", help="training run whose prompts to explain too; repeatable")
+    p.add_argument("--eps", type=float, default=4.0, help="/255 units")
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--target", choices=["label", "pred"], default="label",
+                   help="explain the true class (or, without a label, the clean prediction) on both images "
+                        "(default, comparable maps), or each image's own prediction")
+    p.add_argument("--out", default="explain.png")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("report", help="tables (md, csv, latex) and plots from run directories")
+    p.add_argument("runs", nargs="+", help="run directories or folders holding them")
+    p.add_argument("--format", choices=["md", "csv", "latex"], default="md")
+    p.add_argument("--plot", action="store_true", help="also write the few-shot curves and the trade-off scatter")
+    p.add_argument("--out", help="folder for results.<ext> and the figures")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("methods", help="list the training-time methods")
     p.set_defaults(func=cmd_methods)

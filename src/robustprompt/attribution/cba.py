@@ -60,7 +60,7 @@ def vision_attribution(score: torch.Tensor, trace: VisionTrace, *, heads: HeadMo
     """Signed CBA visual map over the patch grid: B×gh×gw.
 
     score: (B,) matching scores computed from the same forward that produced `trace` (which must
-    trace the last block). create_graph=True keeps the map differentiable for training; the
+    trace the last block, and carry a graph: images or vision prompts requiring grad). create_graph=True keeps the map differentiable for training; the
     extra graph spans only the last block's tail, not the network.
     """
     last: BlockTrace = trace.last
@@ -84,6 +84,8 @@ def text_attribution(model: PromptedCLIP, trace: TextTrace, image_features: torc
     last = trace.last
     eot = trace.eot[classes]                                                 # B
     o = last.attn_out[classes, eot]                                          # B×C, one copy per image
+    if not o.requires_grad:  # a frozen text side (no prompts to train): differentiate from here
+        o = o.detach().requires_grad_(True)
     x_in = last.x_in[classes, eot]
     z = F.normalize(model.text_head(block_tail(model.text_blocks[-1], x_in, o)), dim=-1)
     score = (image_features * z).sum(-1)

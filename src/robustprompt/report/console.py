@@ -20,11 +20,21 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: st
 def print_metrics(m: dict[str, Any]) -> None:
     threat = m.get("threat", {})
     label = m.get("threat_label") or threat.get("attack", "")
+    what = m.get("method", "")
+    if m.get("kind") == "tta":
+        what = f"{m['tta_method']} test-time defence (prompts: {what})"
     print(f"{m['dataset']} ({m['split']}, {m['n']} images, {m['n_classes']} classes) — "
-          f"{m.get('method', '')} on {m['backbone']['name']} [{m['backbone']['weights']}]")
+          f"{what} on {m['backbone']['name']} [{m['backbone']['weights']}]")
     print(f"  clean accuracy : {m['clean_acc']:.2f}%")
     if threat.get("attack") != "none":
-        print(f"  robust accuracy: {m['robust_acc']:.2f}%  under {label} {_threat_text(threat)}")
+        extra = ""
+        if m.get("kind") == "tta":
+            extra = " (adaptive: the whole defence is attacked)" if m.get("adaptive") else " (non-adaptive)"
+            if m.get("quantize_adv"):
+                extra += ", adversarial images rounded to 8 bits"
+        print(f"  robust accuracy: {m['robust_acc']:.2f}%  under {label} {_threat_text(threat)}{extra}")
+    if m.get("kind") == "tta":
+        print(f"  without defence: clean {m['base_clean_acc']:.2f}%, robust {m['base_robust_acc']:.2f}%")
     print(f"  wall time      : {m['wall_time_s']:.1f} s")
 
 

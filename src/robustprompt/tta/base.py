@@ -1,0 +1,186 @@
+"""Test-time prompt tuning: the shared per-image procedure and the registry of its variants.
+
+For each test image: build V views, encode them (one batched forward), select the most confident
+views under the initial prompt, tune a fresh copy of the text prompt on them (AdamW), predict.
+The image tower never depends on the text prompt, so view features are computed once and every
+tuning step runs only the text tower. Several images are processed at once as independent
+problems: each has its own prompt copy (one P×n_ctx×d tensor; Adam is element-wise, so the
+per-image updates do not interact) created fresh for every batch — nothing carries over from
+one image to the next.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..models import PromptedClassifier
+from .views import augmix_views
+
+
+@dataclass
+class TTAParams:
+    """Defaults from TPT/R-TPT/A-TPT: 64 views, keep the 10% most confident, one AdamW step."""
+
+    n_views: int = 64
+    select_ratio: float = 0.1
+    steps: int = 1
+    lr: float = 5e-3
+    weight_decay: float = 0.01
+    augmix: bool = True          # AugMix views (False: crops + flips only, TPT's ImageNet setting)
+    crop_scale: float = 0.08     # smallest crop area fraction (RandomResizedCrop's default)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.crop_scale <= 1:
+            raise ConfigError(f"tta crop_scale must be in (0, 1], got {self.crop_scale}")
+        if self.n_views < 1 or not 0 < self.select_ratio <= 1 or self.steps < 0 or self.lr <= 0:
+            raise ConfigError(f"tta needs n_views >= 1, 0 < select_ratio <= 1, steps >= 0, lr > 0 "
+                              f"(got {self.n_views}, {self.select_ratio}, {self.steps}, {self.lr})")
+
+    @property
+    def n_selected(self) -> int:
+        return max(1, int(self.n_views * self.select_ratio))
+
+
+@dataclass
+class ViewSet:
+    """Views of P images: P×V×3×S×S, plus whatever a procedure attaches (maps)."""
+
+    views: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dim."""
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """TPT: entropy of the mean prediction over views.  …×k×K → …"""
+    logp = logits.log_softmax(-1)
+    avg = torch.logsumexp(logp, dim=-2) - math.log(logits.shape[-2])
+    return -(avg.exp() * avg).sum(-1)
+
+
+class TTAProcedure:
+    """One test-time defence. Subclasses set `name` and override the hooks they change."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    tunes_prompt: ClassVar[bool] = True
+    Params: ClassVar[type] = TTAParams
+
+    def __init__(self, params: Any) -> None:
+        self.params = params
+
+    # ---------------------------------------------------------------- hooks
+    def make_views(self, clf: PromptedClassifier, images: torch.Tensor, gens: Sequence[torch.Generator]) -> ViewSet:
+        p = self.params
+        return ViewSet(torch.stack([augmix_views(img, p.n_views, g, use_augmix=p.augmix,
+                                                 crop_scale=(p.crop_scale, 1.0)).views
+                                    for img, g in zip(images, gens)]))
+
+    def tta_loss(self, sel_logits: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Per-image loss, P. sel_logits P×k×K of the selected views; text_features P×K×D."""
+        return marginal_entropy(sel_logits)
+
+    def predict(self, logits: torch.Tensor, feats: torch.Tensor, selected: torch.Tensor,
+                viewset: ViewSet, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Class probabilities P×K from the final logits P×V×K (view 0 = the test image)."""
+        return logits[:, 0].softmax(-1)
+
+    # ---------------------------------------------------------------- the procedure
+    def initial_prompts(self, clf: PromptedClassifier) -> list[torch.Tensor]:
+        if clf.model.prompt is None or not clf.prompt_cfg.has_text:
+            raise ConfigError(f"{self.name} tunes the text prompt, but this classifier has none "
+                              "(use a text or vision-language prompt, or the mta procedure)")
+        return [t.detach() for t in clf.model.prompt.text_prompts()]
+
+    def text_features(self, clf: PromptedClassifier, prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-image prompts (each P×n_ctx×d) → normalised class text features P×K×D."""
+        P = prompts[0].shape[0]
+        K = clf.tokens.shape[0]
+        tokens = clf.tokens.repeat(P, 1)
+        per_seq = [t.repeat_interleave(K, dim=0) for t in prompts]
+        feats, _ = clf.model.encode_text(tokens, text_prompts=per_seq)
+        return F.normalize(feats, dim=-1).view(P, K, -1)
+
+    def tune(self, clf: PromptedClassifier, feats: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """Tune fresh per-image copies of the initial prompt on the selected views' features;
+        returns the final text features P×K×D (no graph)."""
+        P = feats.shape[0]
+        init = self.initial_prompts(clf)
+        prompts = [torch.nn.Parameter(t.unsqueeze(0).repeat(P, 1, 1).clone()) for t in init]
+        opt = torch.optim.AdamW(prompts, lr=self.params.lr, weight_decay=self.params.weight_decay)
+        scale = clf.model.logit_scale.detach()
+        sel_feats = torch.gather(feats, 1, selected[..., None].expand(-1, -1, feats.shape[-1]))
+        with torch.enable_grad():
+            for _ in range(self.params.steps):
+                txt = self.text_features(clf, prompts)
+                sel_logits = scale * sel_feats @ txt.transpose(1, 2)
+                loss = self.tta_loss(sel_logits, txt).sum()  # sum: each prompt sees only its own loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            return self.text_features(clf, prompts)
+
+    def run(self, clf: PromptedClassifier, images: torch.Tensor, seeds: Sequence[int], *,
+            differentiable: bool = False) -> torch.Tensor:
+        """Defended class probabilities P×K for images P×3×S×S in [0,1].
+
+        differentiable=True keeps the graph from `images` through the views, their features and
+        the ensemble (for adaptive attacks); the prompt update is computed on detached features.
+        """
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        viewset = self.make_views(clf, images if differentiable else images.detach(), gens)
+        P, V = viewset.views.shape[:2]
+        with torch.set_grad_enabled(differentiable):
+            feats = clf.encode_image(viewset.views.flatten(0, 1))[0].view(P, V, -1)
+        scale = clf.model.logit_scale.detach()
+        with torch.no_grad():
+            txt0 = clf.text_features().detach()
+            ent = entropy(scale * feats.detach() @ txt0.t())                  # P×V
+            selected = ent.topk(min(self.params.n_selected, V), dim=1, largest=False).indices
+        if self.tunes_prompt and self.params.steps > 0:
+            txt = self.tune(clf, feats.detach(), selected)
+        else:
+            txt = txt0.unsqueeze(0).expand(P, -1, -1)
+        with torch.set_grad_enabled(differentiable):
+            logits = scale * feats @ txt.transpose(1, 2)
+            return self.predict(logits, feats, selected, viewset, txt, scale)
+
+
+_REGISTRY: dict[str, type[TTAProcedure]] = {}
+
+
+def register(cls: type[TTAProcedure]) -> type[TTAProcedure]:
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"tta procedure name {cls.name!r} missing or taken")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_procedures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def procedure_class(name: str) -> type[TTAProcedure]:
+    key = name.lower().replace("-", "").replace("_", "")
+    for k, cls in _REGISTRY.items():
+        if k.replace("_", "") == key:
+            return cls
+    raise ConfigError(f"unknown test-time procedure {name!r}; known: {', '.join(list_procedures())}")
+
+
+def build_procedure(name: str, params: Optional[dict] = None) -> TTAProcedure:
+    from ..config import from_dict
+
+    cls = procedure_class(name)
+    return cls(from_dict(cls.Params, params or {}, f"method.params ({cls.name})"))

@@ -1,0 +1,107 @@
+"""Test-time procedures: every one runs, images are independent problems, attacks are recorded."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustprompt.cli import main
+from robustprompt.config import AttackSpec, DataSpec, ModelSpec
+from robustprompt.engine.evaluate import EvalConfig, evaluate
+from robustprompt.engine.tta import TPT_PROMPT, TTAConfig, TTAMethodSpec, run_tta
+from robustprompt.errors import ConfigError
+from robustprompt.models import PromptConfig, PromptedClassifier
+from robustprompt.tta.procedures import build_procedure, list_procedures
+
+SMALL = {"n_views": 8}
+
+
+@pytest.mark.parametrize("name", ["tpt", "ctpt", "mta", "rtpt", "atpt"])
+def test_each_procedure_on_the_tiny_backbone(name, tiny_backbone, tiny_images):
+    clf = PromptedClassifier(tiny_backbone, ["a", "b", "c"], TPT_PROMPT)
+    proc = build_procedure(name, SMALL)
+    before = [p.detach().clone() for p in clf.prompt_parameters()]
+    probs = proc.run(clf, tiny_images[:2], [1, 2])
+    assert probs.shape == (2, 3)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2))
+    # the classifier's own prompt is never modified: tuning works on per-image copies
+    assert all(torch.equal(a, b) for a, b in zip(before, clf.prompt_parameters()))
+
+
+def test_registry_lists_all():
+    assert list_procedures() == ["atpt", "ctpt", "mta", "rtpt", "tpt"]
+    with pytest.raises(ConfigError, match="unknown test-time procedure"):
+        build_procedure("ttt")
+    with pytest.raises(ConfigError, match="fusion"):
+        build_procedure("atpt", {"fusion": "mean"})
+
+
+@pytest.mark.parametrize("name", ["tpt", "rtpt", "atpt"])
+def test_an_image_does_not_depend_on_the_others(name, tiny_backbone, tiny_images):
+    clf = PromptedClassifier(tiny_backbone, ["a", "b", "c"], TPT_PROMPT)
+    proc = build_procedure(name, SMALL)
+    alone = proc.run(clf, tiny_images[1:2], [22])
+    together = proc.run(clf, tiny_images[:3], [21, 22, 23])
+    after_others = (proc.run(clf, tiny_images[2:3], [5]), proc.run(clf, tiny_images[1:2], [22]))[1]
+    torch.testing.assert_close(together[1:2], alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(after_others, alone, atol=1e-6, rtol=0)
+
+
+def test_tuning_changes_the_prediction_distribution(tiny_backbone, tiny_images):
+    clf = PromptedClassifier(tiny_backbone, ["a", "b", "c"], TPT_PROMPT)
+    tuned = build_procedure("tpt", {**SMALL, "lr": 0.5}).run(clf, tiny_images[:2], [1, 2])
+    untuned = build_procedure("tpt", {**SMALL, "steps": 0}).run(clf, tiny_images[:2], [1, 2])
+    with torch.no_grad():
+        plain = clf(tiny_images[:2]).softmax(1)
+    torch.testing.assert_close(untuned, plain, atol=1e-5, rtol=1e-4)  # no step: view 0 = CLIP
+    assert not torch.allclose(tuned, untuned, atol=1e-4)
+
+
+def test_procedures_need_a_text_prompt(tiny_backbone, tiny_images):
+    clf = PromptedClassifier(tiny_backbone, ["a", "b"], PromptConfig(coupling="vision", n_ctx=2, depth=1))
+    with pytest.raises(ConfigError, match="tunes the text prompt"):
+        build_procedure("tpt", SMALL).run(clf, tiny_images[:1], [1])
+    assert build_procedure("mta", SMALL).run(clf, tiny_images[:1], [1]).shape == (1, 2)
+
+
+def _cfg(**kw):
+    base = dict(model=ModelSpec(name="demo"), data=DataSpec(dataset="fashion_mnist", subset=12, batch_size=4),
+                method=TTAMethodSpec("atpt", {"n_views": 16}), attack=AttackSpec(eps=8, alpha=2, steps=3),
+                device="cpu")
+    base.update(kw)
+    return TTAConfig(**base)
+
+
+def test_tta_run_directory_and_non_adaptive_attack(tmp_path):
+    m = run_tta(_cfg(), tmp_path / "tta", progress=False)
+    recs = [json.loads(line) for line in (tmp_path / "tta" / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 12 and {"base_clean_pred", "base_adv_pred", "clean_pred", "adv_pred"} <= set(recs[0])
+    assert m["threat"]["adaptive"] is False and "before any adaptation" in m["threat"]["target"]
+    assert m["tta_method"] == "atpt" and m["quantize_adv"] is False
+    # the non-adaptive attack is plain PGD on CLIP with the initial prompt: the same examples an
+    # evaluation of zero-shot CLIP finds with the same seeds
+    ev = evaluate(EvalConfig(model=ModelSpec(name="demo"), data=DataSpec(dataset="fashion_mnist", subset=12,
+                                                                           batch_size=4),
+                             attack=AttackSpec(eps=8, alpha=2, steps=3), device="cpu"), tmp_path / "ev", progress=False)
+    ev_recs = [json.loads(line) for line in (tmp_path / "ev" / "records.jsonl").read_text().splitlines()]
+    assert [r["base_adv_pred"] for r in recs] == [r["adv_pred"] for r in ev_recs]
+    assert m["base_robust_acc"] == ev["robust_acc"]
+
+
+@pytest.mark.slow
+def test_adaptive_attack_is_at_least_as_strong(tmp_path):
+    plain = run_tta(_cfg(), tmp_path / "plain", progress=False)
+    adaptive = run_tta(_cfg(adaptive=True), tmp_path / "adaptive", progress=False)
+    assert adaptive["robust_acc"] <= plain["robust_acc"]
+    assert adaptive["threat"]["adaptive"] is True and "EOT" in adaptive["threat"]["target"]
+    assert adaptive["clean_acc"] == plain["clean_acc"]  # same views on the clean image
+
+
+def test_cli_tta_and_quantize_flag(tmp_path, capsys):
+    rc = main(["tta", "--method", "tpt", "--param", "n_views=8", "--subset", "4", "--eps", "4", "--steps", "2",
+               "--quantize-adv", "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["quantize_adv"] is True and m["threat"]["quantize_adv"] is True
+    assert "robust accuracy" in capsys.readouterr().out
+    assert main(["tta", "--method", "nope", "--subset", "2", "--out", str(tmp_path / "x")]) == 2
