@@ -105,3 +105,62 @@ def test_cli_tta_and_quantize_flag(tmp_path, capsys):
     assert m["quantize_adv"] is True and m["threat"]["quantize_adv"] is True
     assert "robust accuracy" in capsys.readouterr().out
     assert main(["tta", "--method", "nope", "--subset", "2", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.fixture(scope="module")
+def demo_classifier():
+    from robustprompt.api import get_backbone
+    from robustprompt.data import build_dataset
+
+    ds = build_dataset("fashion_mnist")
+    return PromptedClassifier(get_backbone("demo"), ds.classnames, TPT_PROMPT), ds
+
+
+@pytest.mark.parametrize("name", ["tpt", "ctpt", "mta", "rtpt", "atpt"])
+def test_each_procedure_on_the_demo_backbone(name, demo_classifier):
+    from robustprompt.data import clip_transform
+
+    clf, ds = demo_classifier
+    split = ds.split("test")
+    x = torch.stack([clip_transform(28)(split.load(i)) for i in range(4)])
+    probs = build_procedure(name, {"n_views": 16, "crop_scale": 0.6}).run(clf, x, [0, 1, 2, 3])
+    assert probs.shape == (4, 10) and torch.allclose(probs.sum(1), torch.ones(4))
+    # on clean images the defence mostly agrees with the labels (the demo backbone is ~86% accurate)
+    assert (probs.argmax(1) == torch.tensor(split.labels[:4])).sum() >= 2
+
+
+def test_text_tower_runs_once_per_tuning_step(tiny_backbone, tiny_images):
+    clf = PromptedClassifier(tiny_backbone, ["a", "b", "c"], TPT_PROMPT)
+    with torch.no_grad():
+        clf.text_features()  # the initial prompt's features, cached by the classifier
+    calls = {"n": 0}
+    original = clf.model.encode_text
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return original(*a, **k)
+
+    clf.model.encode_text = counting
+    build_procedure("rtpt", {"n_views": 32, "steps": 2}).run(clf, tiny_images[:3], [1, 2, 3])
+    assert calls["n"] == 3  # two tuning steps + the final features, for all views and all 3 images at once
+
+
+def test_stacking_on_trained_prompts(tmp_path):
+    from robustprompt.engine.train import train, train_config_from_dict
+
+    run = tmp_path / "cba"
+    train(train_config_from_dict({"model": {"name": "demo", "prompt": {"depth": 2}}, "method": {"name": "cba_fapt"},
+                                  "data": {"shots": 2, "batch_size": 10, "augment": "flip"}, "optim": {"epochs": 1},
+                                  "train_attack": {"eps": 4, "alpha": 2}, "device": "cpu"}), run, progress=False)
+    m = run_tta(_cfg(model=ModelSpec(run=str(run)), method=TTAMethodSpec("rtpt", {"n_views": 8})), tmp_path / "tta",
+                progress=False)
+    assert m["method"] == "cba_fapt" and m["prompt"]["coupling"] == "coupled-v2t"
+    from robustprompt.api import classifier_from_spec
+    from robustprompt.data import build_dataset
+
+    clf = classifier_from_spec(ModelSpec(run=str(run)), build_dataset("fashion_mnist"))
+    proc = build_procedure("rtpt", {"n_views": 8})
+    init = proc.initial_prompts(clf)
+    for a, b in zip(init, clf.model.prompt.text_prompts()):   # starts from the learned text-side prompts
+        torch.testing.assert_close(a, b.detach())
+    assert len(init) == 2  # every prompted block's text context is tuned; the vision prompts stay as trained

@@ -109,6 +109,29 @@ def _test_time(out: Path, progress: bool, device: str) -> str:
     return f"{table}\n\n{note}\n"
 
 
+def _report_and_figures(out: Path, device: str) -> str:
+    """What `robustprompt report` and `robustprompt explain` make of the demo's runs."""
+    from ..explain import EXAMPLE_IMAGE, run_explain
+    from ..report.collect import collect_runs
+    from ..report.plots import tradeoff_scatter
+    from ..report.tables import results_table
+
+    report = out / "report"
+    tuning_runs = collect_runs([out / "prompt-tuning", out / f"zeroshot-pgd{PGD_STEPS}-eps{TRAIN_EPS}"])
+    tuning_md = results_table(tuning_runs, "md")
+    tta_md = results_table(collect_runs(sorted(out.glob("tta-*"))), "md")
+    atomic_write_text(report / "prompt_tuning.md", tuning_md + "\n")
+    atomic_write_text(report / "test_time.md", tta_md + "\n")
+    written = tradeoff_scatter(tuning_runs, report / "tradeoff.png")
+    cba_run = out / "prompt-tuning" / "method=cba_fapt" / f"seed-{SEEDS[0]}" / "train"
+    figs, _ = run_explain(image=EXAMPLE_IMAGE, dataset="fashion_mnist", root=None, split="test", n=1, subset_seed=0,
+                          model=ModelSpec(name="demo"), runs=[str(cba_run)],
+                          threat=AttackSpec(eps=TRAIN_EPS, steps=PGD_STEPS).threat(), target="label", label=None,
+                          out=str(report / "explain.png"), device="cpu" if device == "auto" else device)
+    files = [report / "prompt_tuning.md", report / "test_time.md", *written, *figs]
+    return tuning_md, "\n".join(f"  {f}" for f in files)
+
+
 def run_demo(out: str | Path = "runs/demo", subset: int = 1000, progress: bool = True, device: str = "auto") -> str:
     """Run every demo section and print (and save) the tables; returns the text."""
     out = Path(out)
@@ -123,4 +146,7 @@ def run_demo(out: str | Path = "runs/demo", subset: int = 1000, progress: bool =
             "\n## Few-shot adversarial prompt tuning\n\n" + tuning +
             "\n## Test-time defences\n\n" + test_time)
     atomic_write_text(out / "summary.md", text)
+    table, files = _report_and_figures(out, device)
+    print("\nThe paper-style table (`robustprompt report`)\n\n" + table, flush=True)
+    print(f"\nTables and figures (`robustprompt report`, `robustprompt explain`):\n{files}\n", flush=True)
     return text

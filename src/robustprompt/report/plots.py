@@ -156,6 +156,8 @@ def _scatter_figure(runs: list[RunResult]) -> Figure:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     n_points = 0
+    all_x: list[float] = []
+    all_y: list[float] = []
     for sk in series:
         color, marker = style[sk]
         points = []
@@ -164,6 +166,8 @@ def _scatter_figure(runs: list[RunResult]) -> Figure:
             if rs:
                 points.append((col, statistics.fmean(r.clean_acc for r in rs), statistics.fmean(r.robust_acc for r in rs)))
         xs, ys = [p[1] for p in points], [p[2] for p in points]
+        all_x += xs
+        all_y += ys
         ax.scatter(xs, ys, color=color, marker=marker, s=30, alpha=0.75, label=labels[sk])
         n_points += len(points)
         ax.scatter([statistics.fmean(xs)], [statistics.fmean(ys)], color=color, marker=marker, s=170,
@@ -171,8 +175,12 @@ def _scatter_figure(runs: list[RunResult]) -> Figure:
         if len(columns) > 1 and len(runs) <= 400:  # name the dataset of each point while it stays legible
             for col, x, y in points:
                 ax.annotate(col, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6, alpha=0.7)
-    # robust = natural, the ceiling of robust accuracy; axline leaves the axes zoomed on the data
+    # robust = natural, the ceiling of robust accuracy; the axes stay zoomed on the data
     ax.axline((0, 0), slope=1, color="0.6", linestyle="--", linewidth=0.8, zorder=0)
+    for values, setter in ((all_x, ax.set_xlim), (all_y, ax.set_ylim)):
+        lo, hi = min(values), max(values)
+        pad = max(2.0, 0.1 * (hi - lo))
+        setter(max(0.0, lo - pad), min(100.0, hi + pad))
     ax.set_xlabel("Natural accuracy (%)")
     ax.set_ylabel("Robust accuracy (%)")
     ax.grid(True, alpha=0.3)
