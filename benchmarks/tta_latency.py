@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from robustprompt.attribution.rollout import normalise_maps, total_variation, upsample
+from robustprompt.attribution.rollout import normalise_maps, upsample
 from robustprompt.models import TraceSpec
 from robustprompt.tta.atpt import tv_fusion
 from robustprompt.tta.base import entropy

@@ -1,8 +1,6 @@
 """`robustprompt explain` and `robustprompt report` on the demo backbone."""
 import csv
 import io
-import json
-from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest

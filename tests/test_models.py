@@ -1,5 +1,4 @@
 """The prompted CLIP against open_clip's own forward, prompt couplings, traces and caching."""
-import math
 
 import open_clip
 import pytest

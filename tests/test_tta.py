@@ -1,6 +1,5 @@
 """Test-time procedures: every one runs, images are independent problems, attacks are recorded."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

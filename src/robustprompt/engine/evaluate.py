@@ -10,8 +10,9 @@ from typing import Any, Optional
 import torch
 
 from .. import __version__
-from ..api import classifier_from_spec, resolve_device, resolved_prompt
+from ..api import classifier_from_spec, resolved_prompt
 from ..config import AttackSpec, DataSpec, ModelSpec, to_dict
+from .runtime import process_state
 from .rundir import RunDir, config_hash
 from .sharded import run_per_image
 from .tasks import load_task, method_of
@@ -44,12 +45,7 @@ def environment() -> dict[str, Any]:
 def evaluate(cfg: EvalConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
              progress: bool = True) -> Optional[dict[str, Any]]:
     """Run (or resume) an evaluation; returns the metrics on the main process."""
-    from accelerate import PartialState
-
-    device = resolve_device(cfg.device)
-    state = PartialState(cpu=device.type == "cpu")
-    if device.type == "cuda":
-        device = state.device
+    state, device = process_state(cfg.device)
     config = {"kind": "eval", **to_dict(cfg)}
     config["model"]["prompt"] = resolved_prompt(cfg.model).to_dict()
     run = RunDir(out or default_run_dir("eval", config, cfg.model, cfg.data), config, overwrite=overwrite)

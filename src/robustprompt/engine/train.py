@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..api import get_backbone, resolve_device, resolve_templates
+from ..api import get_backbone, resolve_templates
 from ..config import AttackSpec, ModelSpec, to_dict
 from ..data import base_new_split, build_dataset, clip_transform, few_shot_indices
 from ..errors import ConfigError, RobustPromptError
@@ -32,6 +32,7 @@ from ..methods.base import Method
 from ..models import PromptedClassifier
 from ..paths import atomic_write_text
 from .evaluate import environment
+from .runtime import process_state
 from .rundir import RunDir, config_hash
 from .sharded import IndexedImages
 
@@ -135,13 +136,9 @@ def default_train_dir(cfg_dict: dict, cfg: TrainConfig) -> Path:
 def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
           progress: bool = True) -> Optional[dict[str, Any]]:
     """Train (or resume, or return the finished) run; returns its summary on the main process."""
-    from accelerate import PartialState
     from accelerate.utils import reduce
 
-    device = resolve_device(cfg.device)
-    state = PartialState(cpu=device.type == "cpu")
-    if device.type == "cuda":
-        device = state.device
+    state, device = process_state(cfg.device)
     method = build_method(cfg.method.name, cfg.method.params, cfg.train_attack.threat())
     prompt_cfg = cfg.model.prompt or method.default_prompt
     config = {"kind": "train", **to_dict(cfg)}

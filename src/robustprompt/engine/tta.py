@@ -13,12 +13,13 @@ from typing import Any, Optional
 
 import torch
 
-from ..api import classifier_from_spec, resolve_device, resolved_prompt
+from ..api import classifier_from_spec, resolved_prompt
 from ..config import AttackSpec, DataSpec, ModelSpec, to_dict
 from ..models import PromptConfig
 from ..tta.adaptive import eot_pgd
 from ..tta.procedures import build_procedure
 from .evaluate import environment, image_seed
+from .runtime import process_state
 from .rundir import RunDir, config_hash
 from .sharded import run_per_image
 from .tasks import load_task, method_of
@@ -73,12 +74,7 @@ def threat_record(cfg: TTAConfig, n_classes: int) -> dict[str, Any]:
 
 def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
             progress: bool = True) -> Optional[dict[str, Any]]:
-    from accelerate import PartialState
-
-    device = resolve_device(cfg.device)
-    state = PartialState(cpu=device.type == "cpu")
-    if device.type == "cuda":
-        device = state.device
+    state, device = process_state(cfg.device)
     procedure = build_procedure(cfg.method.name, cfg.method.params)
     model_spec = _model_spec(cfg.model)
     config = {"kind": "tta", **to_dict(cfg)}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..attacks.threat import ThreatModel
-from ..errors import ConfigError
+from ..registry import Registry
 from ..models import PromptConfig, PromptedClassifier
 
 
@@ -83,25 +83,10 @@ class Method:
             return self.train_threat.run(clf, x, y, clean_logits=clean_logits)
 
 
-_REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    if not cls.name or cls.name in _REGISTRY:
-        raise ValueError(f"method name {cls.name!r} missing or taken")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def list_methods() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def method_class(name: str) -> type[Method]:
-    key = name.lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(list_methods())}")
-    return _REGISTRY[key]
+METHODS: Registry[type[Method]] = Registry("method")
+register = METHODS.register
+list_methods = METHODS.names
+method_class = METHODS.get
 
 
 def build_method(name: str, params: Optional[dict], train_threat: ThreatModel) -> Method:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models import PromptedClassifier
+from ..registry import Registry
 from .views import augmix_views
 
 
@@ -157,26 +158,10 @@ class TTAProcedure:
             return self.predict(logits, feats, selected, viewset, txt, scale)
 
 
-_REGISTRY: dict[str, type[TTAProcedure]] = {}
-
-
-def register(cls: type[TTAProcedure]) -> type[TTAProcedure]:
-    if not cls.name or cls.name in _REGISTRY:
-        raise ValueError(f"tta procedure name {cls.name!r} missing or taken")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def list_procedures() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def procedure_class(name: str) -> type[TTAProcedure]:
-    key = name.lower().replace("-", "").replace("_", "")
-    for k, cls in _REGISTRY.items():
-        if k.replace("_", "") == key:
-            return cls
-    raise ConfigError(f"unknown test-time procedure {name!r}; known: {', '.join(list_procedures())}")
+PROCEDURES: Registry[type[TTAProcedure]] = Registry("test-time procedure")
+register = PROCEDURES.register
+list_procedures = PROCEDURES.names
+procedure_class = PROCEDURES.get
 
 
 def build_procedure(name: str, params: Optional[dict] = None) -> TTAProcedure:
