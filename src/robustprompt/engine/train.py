@@ -235,12 +235,14 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
 
 # -------------------------------------------------------------------- helpers
 def _check_finite(terms: dict[str, torch.Tensor], loss: torch.Tensor, epoch: int, step: int, run: RunDir) -> None:
-    for name, value in {**terms, "loss": loss}.items():
-        if isinstance(value, torch.Tensor) and not torch.isfinite(value).all():
-            last = sorted((run.path / "checkpoints").glob("epoch-*.safetensors"))
-            where = f"the last good checkpoint is {last[-1].name}" if last else "no checkpoint was written yet"
-            raise TrainingError(f"loss term '{name}' is {value.item()} at epoch {epoch}, step {step}; "
-                                f"stopping ({where}). Lower optim.lr or check the data.")
+    named = {**{k: v for k, v in terms.items() if isinstance(v, torch.Tensor)}, "loss": loss}
+    if torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in named.values()])).all():
+        return  # one check (one device sync) per step; names are looked up only on failure
+    name, value = next((k, v) for k, v in named.items() if not torch.isfinite(v).all())
+    last = sorted((run.path / "checkpoints").glob("epoch-*.safetensors"))
+    where = f"the last good checkpoint is {last[-1].name}" if last else "no checkpoint was written yet"
+    raise TrainingError(f"loss term '{name}' is {value.item()} at epoch {epoch}, step {step}; "
+                        f"stopping ({where}). Lower optim.lr or check the data.")
 
 
 def _accumulate(sums: dict[str, float], counts: dict[str, int], result, y: torch.Tensor) -> None:
