@@ -79,6 +79,12 @@ def classifier_from_spec(spec: ModelSpec, dataset: Dataset, device: str | torch.
     return clf
 
 
+def run_backbone_spec(run: str) -> ModelSpec:
+    """The backbone (name, weights, activation) a training run's prompts belong to, no prompts."""
+    trained = _trained_prompts(ModelSpec(run=run))[2]
+    return ModelSpec(name=trained.name, pretrained=trained.pretrained, quick_gelu=trained.quick_gelu)
+
+
 def resolved_prompt(spec: ModelSpec) -> PromptConfig:
     """The prompt layout a model spec ends up with (a training run's own, if `run` is set)."""
     if spec.run:

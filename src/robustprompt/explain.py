@@ -124,7 +124,7 @@ def run_explain(*, image: Optional[str], dataset: str, root: Optional[str], spli
     """Build the classifiers, pick the images, explain every (image, model) pair, render the figure."""
     from PIL import Image, UnidentifiedImageError
 
-    from .api import classifier_from_spec, resolve_device
+    from .api import classifier_from_spec, resolve_device, run_backbone_spec
     from .config import ModelSpec
     from .data import build_dataset, clip_transform
     from .engine.tasks import subset_indices
@@ -137,11 +137,8 @@ def run_explain(*, image: Optional[str], dataset: str, root: Optional[str], spli
     names = ds.classnames
     specs: list[tuple[str, ModelSpec]] = []
     if runs:
-        first = classifier_from_spec(ModelSpec(run=runs[0]), ds, "cpu")  # the backbone the prompts belong to
-        b = first.backbone_info
-        zero = ModelSpec(name=b["name"] if b["name"] == "demo" else b.get("name"),
-                         pretrained=None if b["weights"] == "random" or b["name"] == "demo" else b["weights"])
-        specs.append(("zero-shot CLIP", zero))
+        # zero-shot CLIP on the backbone the (first) run's prompts belong to
+        specs.append(("zero-shot CLIP", run_backbone_spec(runs[0])))
         for r in runs:
             from .engine.tasks import method_of
 
