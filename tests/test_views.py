@@ -383,18 +383,51 @@ def test_grid_sample_calls_do_not_grow_with_views(monkeypatch):
 # ----------------------------------------------------------------------------- attention-guided views
 
 
-def test_attention_guided_mixing_is_exact():
+def _constant_views(size: int, n: int = 3) -> Views:
+    """Hand-made Views: every base is 0.2 everywhere, every chain mixture 0.9, m_j = 0.5."""
+    bases = torch.full((n, 3, size, size), 0.2, dtype=torch.float64)
+    mixes = torch.full((n, 3, size, size), 0.9, dtype=torch.float64)
+    bases[0] = mixes[0] = 0.5  # row 0 is the image: never mixed
+    m = torch.full((n,), 0.5, dtype=torch.float64)
+    m[0] = 1.0
+    return Views(views=m.view(-1, 1, 1, 1) * bases + (1 - m.view(-1, 1, 1, 1)) * mixes, bases=bases, mixes=mixes, m=m)
+
+
+@pytest.mark.parametrize("mix_source, high_value, low_value", [
+    # chain (released code): x = (1-λ)·0.2 + λ·0.9;  λ = 0.2 where attention is high, 0.8 elsewhere
+    ("chain", 0.8 * 0.2 + 0.2 * 0.9, 0.2 * 0.2 + 0.8 * 0.9),          # 0.34, 0.76
+    # augmix (paper's text): the finished AugMix view is 0.5·0.2 + 0.5·0.9 = 0.55
+    ("augmix", 0.8 * 0.2 + 0.2 * 0.55, 0.2 * 0.2 + 0.8 * 0.55),       # 0.27, 0.48
+])
+def test_attention_guided_mixing_by_hand(mix_source, high_value, low_value):
+    """A known map on constant images: the top 20% pixels get weight m_high of the augmentation,
+    the others m_low of it; with the chain source the low pixels hold 0.8 of the chain mixture."""
+    size = 5
+    views = _constant_views(size)
+    maps = torch.zeros(3, size, size, dtype=torch.float64)
+    maps[:, 0, :] = 1.0                                     # row 0 of each map: the top 5 of 25 pixels
+    out = attention_guided_views(views, maps, mix_source=mix_source)
+    assert torch.equal(out[0], views.bases[0])
+    expected = torch.full((2, 3, size, size), low_value, dtype=torch.float64)
+    expected[:, :, 0, :] = high_value
+    torch.testing.assert_close(out[1:], expected, rtol=0, atol=1e-15)
+    if mix_source == "chain":  # low-attention pixels: weight m_low = 0.8 of the chain mixture
+        assert (out[1:, :, 1:] - 0.2).div(0.9 - 0.2).sub(0.8).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("mix_source", ["chain", "augmix"])
+def test_attention_guided_mixing_is_exact(mix_source):
     size = 10
     img = rand_image(size, dtype=torch.float64)
     views = augmix_views(img, 4, gen(0))
     perm = torch.stack([torch.randperm(size * size, generator=gen(10 + i)) for i in range(4)])
     maps = perm.double().view(4, size, size)
-    out = attention_guided_views(views, maps)
+    out = attention_guided_views(views, maps, mix_source=mix_source)
     assert out.shape == (4, 3, size, size) and torch.equal(out[0], img)
     m = views.m.view(-1, 1, 1, 1)
-    aug = m * views.bases + (1 - m) * views.mixes
+    target = views.mixes if mix_source == "chain" else m * views.bases + (1 - m) * views.mixes
     high = (perm >= 80).view(4, 1, size, size)  # top 20 of 100 map values
-    expected = torch.where(high, 0.8 * views.bases + 0.2 * aug, 0.2 * views.bases + 0.8 * aug)
+    expected = torch.where(high, 0.8 * views.bases + 0.2 * target, 0.2 * views.bases + 0.8 * target)
     torch.testing.assert_close(out[1:], expected[1:], rtol=0, atol=1e-12)
 
 
@@ -403,11 +436,17 @@ def test_attention_ties_break_by_index_and_count_rounds_up():
     views = augmix_views(rand_image(size, dtype=torch.float64), 3, gen(1))
     maps = torch.zeros(3, size, size, dtype=torch.float64)
     out = attention_guided_views(views, maps, ratio=0.155, m_high=0.0, m_low=1.0)
-    m = views.m.view(-1, 1, 1, 1)
-    aug = m * views.bases + (1 - m) * views.mixes
     flat_high = torch.arange(size * size) < 16  # ceil(15.5) lowest indices
-    expected = torch.where(flat_high.view(1, 1, size, size), views.bases, aug)
+    expected = torch.where(flat_high.view(1, 1, size, size), views.bases, views.mixes)
     torch.testing.assert_close(out[1:], expected[1:], rtol=0, atol=1e-12)
+
+
+def test_attention_guided_views_are_differentiable():
+    img = rand_image(8).requires_grad_(True)
+    views = augmix_views(img, 4, gen(2))
+    out = attention_guided_views(views, torch.rand(4, 8, 8, generator=gen(3)))
+    (g,) = torch.autograd.grad(out[1:].sum(), img)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
 def test_attention_guided_views_validates():
@@ -422,6 +461,8 @@ def test_attention_guided_views_validates():
         attention_guided_views(views, maps, ratio=0.0)
     with pytest.raises(ValueError, match="m_high"):
         attention_guided_views(views, maps, m_high=1.5)
+    with pytest.raises(ValueError, match="mix_source"):
+        attention_guided_views(views, maps, mix_source="view")
 
 
 def test_input_validation():

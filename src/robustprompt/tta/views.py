@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -473,6 +473,10 @@ def augmix_views(
     )
 
 
+MixSource = Literal["chain", "augmix"]
+MIX_SOURCES = ("chain", "augmix")
+
+
 def attention_guided_views(
     views: Views,
     maps: Tensor,
@@ -480,12 +484,25 @@ def attention_guided_views(
     ratio: float = 0.2,
     m_high: float = 0.2,
     m_low: float = 0.8,
+    mix_source: MixSource = "chain",
 ) -> Tensor:
-    """A-TPT's spatially varying mix of the clean base and its AugMix view.
+    """A-TPT's spatially varying mix of each clean base b_j with its augmentation.
 
     maps: V×S×S attention maps of the bases (higher = more important). Per view the top
-    ceil(ratio·S·S) pixels (ties broken by lower flat index) get λ = m_high, the rest λ = m_low, and
-    the result is (1 - λ)·b_j + λ·(m_j·b_j + (1 - m_j)·mix_j). Returns V×3×S×S; row 0 is the image.
+    ceil(ratio·S·S) pixels (ties broken by lower flat index) get λ = m_high, the rest λ = m_low
+    (λ = the weight of the augmentation, so m_high < m_low keeps the salient part closer to the
+    base), and the view is x_j = (1 - λ)⊙b_j + λ⊙a_j with, by ``mix_source``:
+
+    - ``"chain"`` (default, the released code): a_j = mix_j, AugMix's chain mixture *before* its
+      own Beta blend with the base. The code writes it as m_map⊙b + (1 - m_map)⊙mix with the base
+      weight m_map = 0.8 / 0.2 (high / low attention), i.e. λ = 1 - m_map = 0.2 / 0.8 here.
+    - ``"augmix"``: a_j = m_j·b_j + (1 - m_j)·mix_j, the finished AugMix view — the paper's text
+      ("aggressive views x̃_i via AugMix", x_i = (1-λ)⊙b_i + λ⊙x̃_i) read literally. The
+      finished view already holds m_j ~ Beta(1,1) of the base, so the effective weight of mix_j
+      is λ·(1 - m_j): 0.4 instead of 0.8 on average in low-attention pixels.
+
+    Returns V×3×S×S on the bases' device and dtype; row 0 is the image itself. Differentiable
+    in the views; the maps only select pixels (no gradient).
     """
     if not isinstance(views, Views):
         raise ValueError(f"views must be a Views, got {type(views).__name__}")
@@ -493,6 +510,8 @@ def attention_guided_views(
         raise ValueError(
             "attention_guided_views needs AugMix views (views.mixes and views.m); build them with use_augmix=True"
         )
+    if mix_source not in MIX_SOURCES:
+        raise ValueError(f"mix_source must be one of {MIX_SOURCES}, got {mix_source!r}")
     n, _, size, _ = views.bases.shape
     if not isinstance(maps, Tensor) or tuple(maps.shape) != (n, size, size):
         shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
@@ -502,16 +521,26 @@ def attention_guided_views(
         raise ValueError(f"ratio must be in (0, 1] (fraction of pixels marked high-attention), got {ratio}")
     for name, value in (("m_high", m_high), ("m_low", m_low)):
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1] (weight of the AugMix view), got {value}")
+            raise ValueError(f"{name} must be in [0, 1] (weight of the augmentation), got {value}")
 
-    bases, mixes = views.bases, views.mixes
+    bases = views.bases
+    lam = _attention_lambda(maps, ratio, m_high, m_low, like=bases)
+    if mix_source == "chain":
+        target = views.mixes
+    else:
+        m = views.m.to(bases.dtype).view(n, 1, 1, 1)
+        target = m * bases + (1 - m) * views.mixes
+    out = _clip_rounding((1 - lam) * bases + lam * target)
+    return torch.cat([bases[:1], out[1:]], dim=0)
+
+
+def _attention_lambda(maps: Tensor, ratio: float, m_high: float, m_low: float, like: Tensor) -> Tensor:
+    """V×1×S×S augmentation weights (``like``'s dtype and device): m_high on each map's top
+    ceil(ratio·S²) pixels, m_low elsewhere."""
+    n, size, _ = maps.shape
     count = math.ceil(ratio * size * size - 1e-9)  # 0.07·100² is 700.0000000000001 in floats
     order = torch.sort(maps.detach().reshape(n, -1), dim=1, descending=True, stable=True).indices
     high = torch.zeros(n, size * size, dtype=torch.bool, device=maps.device)
     high.scatter_(1, order[:, :count], True)
-    high = high.view(n, 1, size, size).to(bases.device)
-    lam = torch.where(high, bases.new_full((), m_high), bases.new_full((), m_low))
-    m = views.m.to(bases.dtype).view(n, 1, 1, 1)
-    augmented = m * bases + (1 - m) * mixes
-    out = (1 - lam) * bases + lam * augmented
-    return torch.cat([bases[:1], out[1:]], dim=0)
+    lam = torch.full((n, size * size), m_low, dtype=like.dtype, device=like.device)
+    return lam.masked_fill(high.to(like.device), m_high).view(n, 1, size, size)
