@@ -3,6 +3,11 @@ records, progress bar, sharding and resume of `eval`.
 
 Records carry, per image: the undefended model's clean and adversarial predictions
 (base_clean_pred, base_adv_pred) and the defence's (clean_pred, adv_pred).
+
+Views follow each procedure's released code unless the config sets `augmix` (see resolve_augmix):
+TPT and R-TPT build AugMix views except on ImageNet and its variants, where they use random resized
+crops + flips only (`augmix=len(set_id)>1` in both scripts). The resolved value and where it came
+from are recorded in the run's config (method.params.augmix) and metrics (augmix, augmix_source).
 """
 from __future__ import annotations
 
@@ -15,9 +20,11 @@ import torch
 
 from ..api import classifier_from_spec, resolved_prompt
 from ..config import AttackSpec, DataSpec, ModelSpec, to_dict
+from ..data.registry import canonical_name
+from ..errors import DatasetError
 from ..models import PromptConfig
 from ..tta.adaptive import eot_pgd
-from ..tta.procedures import build_procedure
+from ..tta.procedures import build_procedure, procedure_class
 from .evaluate import environment, image_seed
 from .runtime import process_state
 from .rundir import RunDir, config_hash
@@ -32,6 +39,48 @@ TPT_PROMPT = PromptConfig(coupling="text", n_ctx=4, depth=1, text_init="a photo 
 class TTAMethodSpec:
     name: str = "atpt"
     params: dict = field(default_factory=dict)
+
+
+# ImageNet and its distribution-shift variants (canonical dataset names, see robustprompt.data).
+IMAGENET_FAMILY = frozenset({"imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"})
+
+# Procedures whose released code drops AugMix on the ImageNet family (views = crops + flips):
+# TPT (azshue/TPT tpt_classification.py) and R-TPT (TomSheng21/R-TPT rtpt.py), augmix=len(set_id)>1.
+# Not here, each for its own released code:
+# - C-TPT: its distribution-shift scripts (scripts/test_tpt_ctpt_ds.sh, test_tpt_ds.sh) pass
+#   --I_augmix, i.e. AugMix on the ImageNet family too — the class default (True) everywhere.
+# - MTA: main.py passes augmix=(len(set_id)>1 and args.tpt), False for an --mta run, so crops +
+#   flips on every dataset — MTAParams' own default (False) everywhere.
+# - A-TPT: its released atpt.py also passes augmix=len(dset)>1 (on ImageNet its attention-guided
+#   views then reduce to the crop bases, mix = base). Here A-TPT's views are AugMix mixed by
+#   attention and its parameters refuse augmix: false, so it keeps AugMix on ImageNet by default;
+#   adding "atpt" below is the released code's choice once its views accept augmix: false.
+CROPS_ONLY_ON_IMAGENET = frozenset({"tpt", "rtpt"})
+
+
+def is_imagenet_family(dataset: str) -> bool:
+    """True for ImageNet and its variants under any accepted spelling ("imagenet-a", "ImageNet-R"…);
+    False for everything else, including imagefolder:/csv: datasets and unknown names."""
+    try:
+        return canonical_name(dataset) in IMAGENET_FAMILY
+    except DatasetError:
+        return False
+
+
+def resolve_augmix(method: "TTAMethodSpec", dataset: str) -> tuple[dict, str]:
+    """The procedure parameters a run uses, with `augmix` resolved, and where that value came from.
+
+    An `augmix` given in method.params always wins. Otherwise a procedure in CROPS_ONLY_ON_IMAGENET
+    gets augmix = False on the ImageNet family (TPT's rule), and every other case keeps the
+    procedure's own default."""
+    params = dict(method.params)
+    if "augmix" in params:
+        return params, "config"
+    if method.name in CROPS_ONLY_ON_IMAGENET and is_imagenet_family(dataset):
+        params["augmix"] = False
+        return params, "auto: crops + flips only on the ImageNet family (TPT's rule)"
+    default = procedure_class(method.name).Params().augmix
+    return params, f"auto: {method.name}'s default ({'AugMix' if default else 'crops + flips only'})"
 
 
 def _tta_data() -> DataSpec:
@@ -75,12 +124,13 @@ def threat_record(cfg: TTAConfig, n_classes: int) -> dict[str, Any]:
 def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
             progress: bool = True) -> Optional[dict[str, Any]]:
     state, device = process_state(cfg.device)
-    procedure = build_procedure(cfg.method.name, cfg.method.params)
+    params, augmix_source = resolve_augmix(cfg.method, cfg.data.dataset)
+    procedure = build_procedure(cfg.method.name, params)
     model_spec = _model_spec(cfg.model)
     config = {"kind": "tta", **to_dict(cfg)}
     config["model"] = to_dict(model_spec)
     config["model"]["prompt"] = resolved_prompt(model_spec).to_dict()
-    config["method"]["params"] = to_dict(procedure.params)
+    config["method"]["params"] = to_dict(procedure.params)   # augmix as resolved
     ds = cfg.data.dataset.replace(":", "_").replace("/", "_")
     default = Path("runs") / "tta" / f"{procedure.name}-{ds}-{model_spec.name}-{config_hash(config)}"
     run = RunDir(out or default, config, overwrite=overwrite)
@@ -136,6 +186,8 @@ def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool
         "kind": "tta",
         "tta_method": procedure.name,
         "tta_params": to_dict(procedure.params),
+        "augmix": procedure.params.augmix,
+        "augmix_source": augmix_source,
         "dataset": cfg.data.dataset,
         "split": cfg.data.split,
         "classes": cfg.data.classes,
