@@ -33,6 +33,85 @@ def test_registry_lists_all():
         build_procedure("ttt")
     with pytest.raises(ConfigError, match="fusion"):
         build_procedure("atpt", {"fusion": "mean"})
+    for key in ("mix_source", "tv_resolution", "rollout_weights", "fuse_space"):
+        with pytest.raises(ConfigError, match=key):
+            build_procedure("atpt", {key: "nope"})
+    with pytest.raises(ConfigError, match="fuse_space"):
+        build_procedure("rtpt", {"fuse_space": "mean"})
+
+
+def _record_rollouts(monkeypatch):
+    import robustprompt.tta.atpt as atpt_module
+
+    calls = []
+    original = atpt_module.rollout
+
+    def recording(clf, images, **kw):
+        calls.append((images.detach().clone(), kw))
+        return original(clf, images, **kw)
+
+    monkeypatch.setattr(atpt_module, "rollout", recording)
+    return calls
+
+
+@pytest.mark.parametrize("fusion, passes", [("tv", 2), ("rtpt", 1)])
+def test_atpt_maps_come_from_batched_passes_over_bases_and_final_views(fusion, passes, tiny_backbone, tiny_images,
+                                                                       monkeypatch):
+    """One batched rollout over all P·V bases (the masks), and — for TV weights — one over all P·V
+    final views: each kept view is weighted by its own map, not its base's."""
+    from robustprompt.tta.views import augmix_views
+
+    clf = PromptedClassifier(tiny_backbone, ["a", "b", "c"], TPT_PROMPT)
+    proc = build_procedure("atpt", {**SMALL, "fusion": fusion, "rollout_weights": "code"})
+    calls = _record_rollouts(monkeypatch)
+    vs = proc.make_views(clf, tiny_images[:3], [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    assert len(calls) == passes and all(c[0].shape == (3 * 8, 3, 32, 32) for c in calls)
+    assert all(c[1]["rollout_weights"] == "code" for c in calls)
+    bases = torch.stack([augmix_views(img, 8, torch.Generator().manual_seed(s), crop_scale=(0.08, 1.0)).bases
+                         for img, s in zip(tiny_images[:3], (1, 2, 3))])
+    torch.testing.assert_close(calls[0][0], bases.flatten(0, 1))
+    if fusion == "tv":
+        torch.testing.assert_close(calls[1][0], vs.views.flatten(0, 1))
+        assert vs.extra["maps"].shape == (3, 8, 4, 4)
+        assert not torch.allclose(calls[1][0][1:8], calls[0][0][1:8])  # the final views are not the bases
+
+
+@pytest.mark.parametrize("name", ["rtpt", "atpt"])
+def test_fusion_is_over_logits_by_default(name, tiny_backbone, tiny_images):
+    """R-TPT's and A-TPT's released code fuse weighted logits; probabilities stay selectable."""
+    from robustprompt.tta.rtpt import reliability_weights
+
+    clf = PromptedClassifier(tiny_backbone, ["a", "b", "c"], TPT_PROMPT)
+    extra = {"fusion": "rtpt"} if name == "atpt" else {}
+    proc = build_procedure(name, {**SMALL, "steps": 0, **extra})
+    probs = proc.run(clf, tiny_images[:2], [4, 5])
+    probs_p = build_procedure(name, {**SMALL, "steps": 0, "fuse_space": "probs", **extra}).run(
+        clf, tiny_images[:2], [4, 5])
+    vs = proc.make_views(clf, tiny_images[:2], [torch.Generator().manual_seed(s) for s in (4, 5)])
+    with torch.no_grad():
+        feats = clf.encode_image(vs.views.flatten(0, 1))[0].view(2, 8, -1).double()
+        z = clf.model.logit_scale.double() * feats @ clf.text_features().double().t()
+    w = reliability_weights(feats, 20, 0.01)
+    torch.testing.assert_close(probs.double(), (w[..., None] * z).sum(1).softmax(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(probs_p.double(), (w[..., None] * z.softmax(-1)).sum(1), atol=1e-5, rtol=0)
+
+
+def test_adaptive_attack_differentiates_through_atpt_views(tiny_backbone, tiny_images):
+    """EOT-PGD through the attention-guided views, the final views' maps (constants) and the
+    logit fusion: a finite, non-zero gradient reaches the image and the step moves it."""
+    from robustprompt.attacks.threat import ThreatModel
+    from robustprompt.tta.adaptive import eot_pgd
+
+    clf = PromptedClassifier(tiny_backbone, ["a", "b", "c"], TPT_PROMPT)
+    proc = build_procedure("atpt", SMALL)
+    x = tiny_images[:2].clone().requires_grad_(True)
+    probs = proc.run(clf, x, [1, 2], differentiable=True)
+    (g,) = torch.autograd.grad(probs[:, 0].sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    threat = ThreatModel(eps=4 / 255, alpha=1 / 255, steps=2, random_start=False)
+    adv = eot_pgd(proc, clf, tiny_images[:2], torch.tensor([0, 1]), threat, [1, 2])
+    delta = adv - tiny_images[:2]
+    assert delta.abs().max() <= 4 / 255 + 1e-6 and delta.abs().max() > 0
 
 
 @pytest.mark.parametrize("name", ["tpt", "rtpt", "atpt"])

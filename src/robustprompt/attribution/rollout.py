@@ -6,6 +6,10 @@ attention A^(b) (B×H×N×N), S the logit of the top-1 class:
     W^(b) = ℓ1-normalise( ReLU( ⟨T^(b), ∂S/∂T^(b)⟩ over channels ) )          one weight per token
     Â^(b) = rownorm( I + mean_h( A^(b) · diag(W^(b)) ) )                      columns = source tokens
     Â     = Â^(L) · (Â^(L−1) + Â^(L)) / 2                                     last two blocks only
+The equal average is the paper's (rollout_weights="paper", the default). The released code
+(SEU-VIPGroup/A-TPT, get_gradrollout_last2avg_attn_up) weights the two blocks 0.5 and 1.0 before
+dividing by their sum, i.e. Â = Â^(L) · (Â^(L−1)/3 + 2·Â^(L)/3) (rollout_weights="code"); the
+rows stay stochastic either way.
 GAR: Â^(b) = rownorm( I + mean_h( ReLU(∂S/∂A^(b) ⊙ A^(b)) ) ), rolled out over every block.
 The map is the CLS row over the patch tokens, clipped at its 0.99 quantile and min-max normalised.
 Choice made here: T^(b) is the block's *input* — the tokens its attention mixes.
@@ -20,6 +24,8 @@ import torch.nn.functional as F
 from ..models import PromptedClassifier, TraceSpec
 
 RolloutMode = Literal["token_grad", "gar"]
+RolloutWeights = Literal["paper", "code"]
+ROLLOUT_WEIGHTS = ("paper", "code")
 
 
 def _rownorm(a: torch.Tensor) -> torch.Tensor:
@@ -42,14 +48,21 @@ def normalise_maps(maps: torch.Tensor, quantile: float = 0.99) -> torch.Tensor:
 
 
 def rollout(clf: PromptedClassifier, images: torch.Tensor, *, mode: RolloutMode = "token_grad",
-            last_blocks: int = 2, stabilize: bool = True, target: Optional[torch.Tensor] = None,
-            text_features: Optional[torch.Tensor] = None, normalise: bool = True) -> torch.Tensor:
+            last_blocks: int = 2, stabilize: bool = True, rollout_weights: RolloutWeights = "paper",
+            target: Optional[torch.Tensor] = None, text_features: Optional[torch.Tensor] = None,
+            normalise: bool = True) -> torch.Tensor:
     """Rollout maps over the patch grid, B×gh×gw, for images B×3×S×S in [0,1].
 
     One batched forward (tracing the needed blocks) and one backward give the maps of every image.
     target: class per image (default: the top-1 prediction). text_features: class text features to
-    score against (default: the classifier's current ones, held fixed).
+    score against (default: the classifier's current ones, held fixed). rollout_weights (token_grad
+    with stabilize): how the last blocks are averaged — "paper" equally, "code" 1/3 and 2/3 as the
+    released code (needs last_blocks = 2).
     """
+    if rollout_weights not in ROLLOUT_WEIGHTS:
+        raise ValueError(f"rollout_weights must be one of {ROLLOUT_WEIGHTS}, got {rollout_weights!r}")
+    if rollout_weights == "code" and mode == "token_grad" and stabilize and last_blocks != 2:
+        raise ValueError(f"rollout_weights='code' (1/3, 2/3) is defined for last_blocks=2, got {last_blocks}")
     n_layers = clf.model.vision_layers
     if mode == "token_grad":
         blocks = tuple(range(n_layers - last_blocks, n_layers))
@@ -75,12 +88,21 @@ def rollout(clf: PromptedClassifier, images: torch.Tensor, *, mode: RolloutMode 
             else:
                 mats.append(_identity_plus(F.relu(g * t.attn).mean(1)))
         if mode == "token_grad" and stabilize and len(mats) > 1:
-            roll = mats[-1] @ (sum(mats) / len(mats))   # averaging damps single-block noise
+            roll = mats[-1] @ _block_average(mats, rollout_weights)   # averaging damps single-block noise
         else:
             roll = _chain(mats)
         sl = out.vision.patch_slice
         maps = roll[:, 0, sl].reshape(-1, *out.vision.grid)
         return normalise_maps(maps) if normalise else maps
+
+
+def _block_average(mats: list[torch.Tensor], weights: RolloutWeights) -> torch.Tensor:
+    """Weighted mean of row-stochastic block matrices: equal weights (paper) or, for two blocks,
+    the released code's 0.5 : 1.0 (→ 1/3, 2/3), which keeps the rows stochastic."""
+    if weights == "paper":
+        return sum(mats) / len(mats)
+    prev, last = mats
+    return (0.5 * prev + 1.0 * last) / 1.5
 
 
 def _chain(mats: list[torch.Tensor]) -> torch.Tensor:
