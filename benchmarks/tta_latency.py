@@ -6,10 +6,11 @@ straightforward:
                top-1 score, gradients read off the traced block inputs)
   selection    a forward over all views with the initial prompt
   tuning       a forward over the selected views with the prompt being tuned (image tower again)
-  prediction   a forward over all views with the tuned prompt, TV-weighted ensemble
-toolkit (robustprompt.tta.atpt): the rollout of all views from one batched forward + backward
-  (autograd stops at the traced blocks), one forward over the final views, and text-only tuning
-  and prediction (the image tower does not depend on the text prompt).
+  prediction   a forward over all views with the tuned prompt, and the rollout of every final
+               view (again one pass per view) for the TV-weighted ensemble
+toolkit (robustprompt.tta.atpt): the rollout of all bases, then of all final views, each from one
+  batched forward + backward (autograd stops at the traced blocks), one forward over the final
+  views, and text-only tuning and prediction (the image tower does not depend on the text prompt).
 Both use the same views, maps post-processing, selection, loss and fusion; the script checks
 that they predict the same classes.
 Usage: python benchmarks/tta_latency.py [--models demo ViT-B-16] [--images 2] [--views 64]
@@ -60,7 +61,8 @@ def naive_atpt(proc, clf, image: torch.Tensor, seed: int) -> int:
     views = augmix_views(image, p.n_views, torch.Generator().manual_seed(seed), crop_scale=(p.crop_scale, 1.0))
     maps = torch.stack([naive_rollout_map(clf, b) for b in views.bases])               # per view
     full = upsample(maps, image.shape[-1])
-    final = attention_guided_views(views, full, ratio=p.ratio, m_high=p.m_high, m_low=p.m_low)
+    final = attention_guided_views(views, full, ratio=p.ratio, m_high=p.m_high, m_low=p.m_low,
+                                   mix_source=p.mix_source)
     scale = clf.model.logit_scale.detach()
     with torch.no_grad():
         txt0 = clf.text_features()
@@ -79,7 +81,9 @@ def naive_atpt(proc, clf, image: torch.Tensor, seed: int) -> int:
     with torch.no_grad():
         txt = proc.text_features(clf, prompts)[0]
         logits = scale * clf.encode_image(final)[0] @ txt.t()                           # prediction pass
-        probs = tv_fusion(logits[None], sel[None], maps[None])
+    own = torch.stack([naive_rollout_map(clf, v) for v in final])                       # each view's own map
+    probs = tv_fusion(logits[None], sel[None], own[None], resolution=p.tv_resolution, size=image.shape[-1],
+                      space=p.fuse_space)
     return int(probs.argmax())
 
 
