@@ -448,7 +448,8 @@ def augmix_views(
     image: 3×S×S in [0, 1]. Row 0 of every field is the image (m[0] = 1). Rows 1..: b_j = random
     resized crop + flip, (mix_j, m_j) = augmix(b_j), view_j = m_j·b_j + (1 - m_j)·mix_j. With
     ``use_augmix=False`` the views are the bases (TPT's choice for ImageNet-family sets) and
-    mixes = m = None. crop_scale: the crops' area range (TPT: torchvision's default 0.08–1). All fields are V×3×S×S (m: V) on the image's device and dtype.
+    mixes = m = None. crop_scale: the crops' area range (TPT: torchvision's default 0.08–1). All
+    fields are V×3×S×S (m: V) on the image's device and dtype.
     """
     size = _check_image(image)
     if not _is_int(n_views) or n_views < 1:
