@@ -178,7 +178,9 @@ class ModelSpec:
 
 @dataclass
 class DataSpec:
-    """Which images. subset: evaluate a fixed random subset of this many images (seeded)."""
+    """Which images. subset: evaluate a fixed random subset of this many images (seeded).
+    resize_mode: shortest (shorter side + centre crop; CLIP's and Dassl's test transform) or
+    squash (both sides straight to the model's size). Interpolation is the backbone's (bicubic)."""
 
     dataset: str = "fashion_mnist"
     root: Optional[str] = None
@@ -189,10 +191,13 @@ class DataSpec:
     batch_size: int = 64
     workers: int = 0
     download: bool = False
+    resize_mode: str = "shortest"
 
     def __post_init__(self) -> None:
         if self.classes not in ("all", "base", "new"):
             raise ConfigError(f"data.classes must be all, base or new, got {self.classes!r}")
+        if self.resize_mode not in ("shortest", "squash"):
+            raise ConfigError(f"data.resize_mode must be shortest or squash, got {self.resize_mode!r}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.subset is not None and self.subset < 1:

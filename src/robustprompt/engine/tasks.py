@@ -16,9 +16,10 @@ class Task:
     split: Split
     indices: list[int]
     interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
 
     def transform(self, image_size: int, train: bool = False) -> Callable:
-        return clip_transform(image_size, self.interpolation, train=train)
+        return clip_transform(image_size, self.interpolation, train=train, resize_mode=self.resize_mode)
 
 
 def load_task(spec: DataSpec) -> Task:
@@ -26,7 +27,8 @@ def load_task(spec: DataSpec) -> Task:
     if spec.classes != "all":
         dataset = base_new_split(dataset, spec.classes)
     split = dataset.split(spec.split)
-    return Task(dataset, split, subset_indices(len(split), spec.subset, spec.subset_seed))
+    return Task(dataset, split, subset_indices(len(split), spec.subset, spec.subset_seed),
+                resize_mode=spec.resize_mode)
 
 
 def subset_indices(n: int, subset: int | None, seed: int) -> list[int]:

@@ -32,6 +32,7 @@ from ..methods.base import Method
 from ..models import PromptedClassifier
 from ..paths import atomic_write_text
 from .evaluate import environment
+from .grad_share import share_record
 from .runtime import process_state
 from .rundir import RunDir, config_hash
 from .sharded import IndexedImages
@@ -52,12 +53,19 @@ class TrainDataSpec:
     workers: int = 0
     augment: str = "coop"               # coop (random resized crop + flip) | flip | none
     download: bool = False
+    resize_mode: str = "shortest"       # with augment flip/none: shortest (side + centre crop) | squash
+    few_shot_source: str = "auto"       # auto (Dassl's split_fewshot pkl if present) | dassl | seeded-draw
 
     def __post_init__(self) -> None:
         if self.classes not in ("all", "base", "new"):
             raise ConfigError(f"data.classes must be all, base or new, got {self.classes!r}")
         if self.augment not in ("coop", "flip", "none"):
             raise ConfigError(f"data.augment must be coop, flip or none, got {self.augment!r}")
+        if self.resize_mode not in ("shortest", "squash"):
+            raise ConfigError(f"data.resize_mode must be shortest or squash, got {self.resize_mode!r}")
+        if self.few_shot_source not in ("auto", "dassl", "seeded-draw"):
+            raise ConfigError(f"data.few_shot_source must be auto, dassl or seeded-draw, "
+                              f"got {self.few_shot_source!r}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.shots is not None and self.shots < 1:
@@ -110,12 +118,15 @@ class TrainConfig:
     device: str = "auto"
 
 
-def _train_transform(image_size: int, augment: str):
+def _train_transform(image_size: int, augment: str, resize_mode: str = "shortest",
+                     interpolation: str = "bicubic"):
+    """coop: RandomResizedCrop + flip. flip / none: the deterministic resize (``resize_mode``;
+    FAP's configs: none + squash, i.e. Dassl's train transform with INPUT.TRANSFORMS = [])."""
     import torchvision.transforms as T
 
     if augment == "coop":
-        return clip_transform(image_size, train=True)
-    base = clip_transform(image_size, train=False)
+        return clip_transform(image_size, interpolation, train=True)
+    base = clip_transform(image_size, interpolation, train=False, resize_mode=resize_mode)
     if augment == "flip":
         return T.Compose([base, T.RandomHorizontalFlip()])
     return base
@@ -155,11 +166,7 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
     if cfg.data.classes != "all":
         dataset = base_new_split(dataset, cfg.data.classes)
     split = dataset.split(cfg.data.split)
-    if cfg.data.shots is None:
-        indices = list(range(len(split)))
-    else:
-        indices = few_shot_indices(split, cfg.data.shots, cfg.seed,
-                                   cache_key=f"{dataset.name}/{cfg.data.split}", classnames=dataset.classnames)
+    indices, few_shot_source = _train_indices(cfg, dataset, split)
 
     # ---------------------------------------------------------------- model and method
     backbone = get_backbone(cfg.model.name, cfg.model.pretrained, cfg.model.quick_gelu, device)
@@ -174,7 +181,7 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
     groups = [g for g in method.trainable_groups(clf) if g]
     t_start = time.time()
     if not method.trains or not groups:
-        return _finish(run, clf, method, cfg, dataset, indices, [], t_start, state)
+        return _finish(run, clf, method, cfg, dataset, indices, [], t_start, state, few_shot_source)
 
     opt = cfg.optim
     optimizer = torch.optim.SGD([{"params": g} for g in groups], lr=opt.lr, momentum=opt.momentum,
@@ -184,7 +191,7 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
     if start_epoch and state.is_main_process and progress:
         tqdm.write(f"resuming {run.path} after epoch {start_epoch}")
 
-    transform = _train_transform(clf.image_size, cfg.data.augment)
+    transform = _train_transform(clf.image_size, cfg.data.augment, cfg.data.resize_mode, backbone.interpolation)
     data = IndexedImages(split, indices, transform)
     B, W, rank = cfg.data.batch_size, state.num_processes, state.process_index
     steps_per_epoch = math.ceil(len(indices) / B)
@@ -204,6 +211,7 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
         t_epoch = time.time()
         sums: dict[str, float] = {}
         counts = {"n": 0, "clean": 0, "adv": 0, "n_clean": 0, "n_adv": 0}
+        shares: dict[str, float] = {}
         for s, local in enumerate(batches):
             n_global = min(B, len(indices) - s * B)
             optimizer.zero_grad(set_to_none=False)
@@ -212,6 +220,8 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
                 x, y = x.to(device), y.to(device)
                 result = method.step(clf, x, y)
                 _check_finite(result.terms, result.loss, epoch, s, run)
+                if s == 0:  # is each term alive? (extra backwards on one step per epoch only)
+                    shares = share_record(result, params)
                 (result.loss * (len(local) / n_global)).backward()
                 _accumulate(sums, counts, result, y)
             if W > 1:
@@ -223,6 +233,7 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
             bar.update(1)
             bar.set_postfix(epoch=epoch, **_postfix(sums, counts))
         summary = _epoch_summary(sums, counts, epoch, lr, state, reduce)
+        summary.update(shares)  # this process's first batch of the epoch
         summary["time_s"] = round(time.time() - t_epoch, 3)
         history.append(summary)
         if state.is_main_process:
@@ -230,10 +241,36 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
         state.wait_for_everyone()
     bar.close()
     clf.eval()
-    return _finish(run, clf, method, cfg, dataset, indices, history, t_start, state)
+    return _finish(run, clf, method, cfg, dataset, indices, history, t_start, state, few_shot_source)
 
 
 # -------------------------------------------------------------------- helpers
+def _train_indices(cfg: TrainConfig, dataset, split) -> tuple[list[int], Optional[str]]:
+    """The training images and where the subset came from: ``dassl:<file>`` (Dassl's
+    split_fewshot pickle of this dataset, shots and seed — FAP's/MaPLe's images for that seed),
+    ``seeded-draw`` (our own seeded draw), or None for the whole split."""
+    from ..data.dassl import coop_dataset_dir, dassl_fewshot_path, match_dassl_items, read_dassl_fewshot
+
+    if cfg.data.shots is None:
+        return list(range(len(split))), None
+    folder = coop_dataset_dir(cfg.data.dataset, cfg.data.root) if cfg.data.few_shot_source != "seeded-draw" else None
+    pkl = dassl_fewshot_path(folder, cfg.data.shots, cfg.seed) if folder is not None else None
+    if pkl is not None and pkl.is_file() and cfg.data.split == "train":
+        items = read_dassl_fewshot(pkl).train
+        full = None
+        if cfg.data.classes != "all":   # the file covers every class; keep this subset's, as CoOp does
+            full = build_dataset(cfg.data.dataset, cfg.data.root, download=cfg.data.download).split(cfg.data.split)
+        return sorted(match_dassl_items(items, split, pkl, full)), f"dassl:{pkl}"
+    if cfg.data.few_shot_source == "dassl":
+        raise ConfigError(f"data.few_shot_source is dassl but no Dassl few-shot file was found"
+                          f"{f' at {pkl}' if pkl is not None else ' (not a CoOp-layout dataset with a root)'}"
+                          f"{'' if cfg.data.split == 'train' else ' (Dassl files hold the train split)'}")
+    indices = few_shot_indices(split, cfg.data.shots, cfg.seed,
+                               cache_key=f"{dataset.name}/{cfg.data.split}", classnames=dataset.classnames)
+    return indices, "seeded-draw"
+
+
+
 def _check_finite(terms: dict[str, torch.Tensor], loss: torch.Tensor, epoch: int, step: int, run: RunDir) -> None:
     named = {**{k: v for k, v in terms.items() if isinstance(v, torch.Tensor)}, "loss": loss}
     if torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in named.values()])).all():
@@ -256,6 +293,9 @@ def _accumulate(sums: dict[str, float], counts: dict[str, int], result, y: torch
     if result.adv_logits is not None:
         counts["adv"] += int((result.adv_logits.argmax(1) == y).sum())
         counts["n_adv"] += n
+    for name, logits in result.aux_logits.items():   # e.g. APD's teacher, under its own name
+        counts[name] = counts.get(name, 0) + int((logits.argmax(1) == y).sum())
+        counts[f"n_{name}"] = counts.get(f"n_{name}", 0) + n
 
 
 def _postfix(sums: dict[str, float], counts: dict[str, int]) -> dict[str, str]:
@@ -269,18 +309,25 @@ def _postfix(sums: dict[str, float], counts: dict[str, int]) -> dict[str, str]:
 
 def _epoch_summary(sums, counts, epoch, lr, state, reduce) -> dict[str, Any]:
     keys = sorted(sums)
-    vec = torch.tensor([sums[k] for k in keys] + [counts[k] for k in ("n", "clean", "adv", "n_clean", "n_adv")],
-                       dtype=torch.float64)
+    aux = sorted(k for k in counts if k not in _BASE_COUNTS and not k.startswith("n_"))
+    count_keys = list(_BASE_COUNTS) + [c for a in aux for c in (a, f"n_{a}")]
+    vec = torch.tensor([sums[k] for k in keys] + [counts[k] for k in count_keys], dtype=torch.float64)
     if state.num_processes > 1:
         vec = reduce(vec.to(state.device), reduction="sum").cpu()
-    n, clean, adv, n_clean, n_adv = vec[len(keys):].tolist()
+    c = dict(zip(count_keys, vec[len(keys):].tolist()))
     out: dict[str, Any] = {"epoch": epoch, "lr": lr}
-    out.update({k: vec[i].item() / max(1.0, n) for i, k in enumerate(keys)})
-    if n_clean:
-        out["train_clean_acc"] = 100 * clean / n_clean
-    if n_adv:
-        out["train_adv_acc"] = 100 * adv / n_adv
+    out.update({k: vec[i].item() / max(1.0, c["n"]) for i, k in enumerate(keys)})
+    if c["n_clean"]:
+        out["train_clean_acc"] = 100 * c["clean"] / c["n_clean"]
+    if c["n_adv"]:
+        out["train_adv_acc"] = 100 * c["adv"] / c["n_adv"]
+    for a in aux:
+        if c[f"n_{a}"]:
+            out[f"train_{a}_acc"] = 100 * c[a] / c[f"n_{a}"]
     return out
+
+
+_BASE_COUNTS = ("n", "clean", "adv", "n_clean", "n_adv")
 
 
 def _ckpt_name(epoch: int) -> str:
@@ -325,7 +372,8 @@ def _resume(run: RunDir, clf, method: Method, optimizer) -> tuple[list[dict], in
     return history, history[-1]["epoch"] + 1
 
 
-def _finish(run: RunDir, clf, method: Method, cfg: TrainConfig, dataset, indices, history, t_start, state):
+def _finish(run: RunDir, clf, method: Method, cfg: TrainConfig, dataset, indices, history, t_start, state,
+            few_shot_source: Optional[str] = None):
     if not state.is_main_process:
         state.wait_for_everyone()
         return None
@@ -344,6 +392,7 @@ def _finish(run: RunDir, clf, method: Method, cfg: TrainConfig, dataset, indices
         "n_classes": len(dataset.classnames),
         "shots": cfg.data.shots,
         "n_train": len(indices),
+        "few_shot_source": few_shot_source,
         "seed": cfg.seed,
         "backbone": clf.backbone_info,
         "prompt": clf.prompt_cfg.to_dict(),
