@@ -9,4 +9,5 @@ class AdvMaPLe(AdversarialCE):
     name = "advmaple"
     title = "AdvMaPLe"
     summary = "Adversarial MaPLe: CE on PGD examples with MaPLe's coupled prompts"
-    default_prompt = PromptConfig(coupling="coupled", n_ctx=2, depth=9)
+    default_prompt = PromptConfig(coupling="coupled", n_ctx=2, depth=9,
+                                  text_init_mode="template")  # FAP trainers/advmaple.py: ctx_init = the dataset template

@@ -30,7 +30,8 @@ class FAP(Method):
     name = "fap"
     title = "FAP"
     summary = "FAP: clean CE + λ₁·KL(p(x)‖p(x̃))·(1 + cos(f(x), f(x̃))), KL-maximising attack"
-    default_prompt = PromptConfig(coupling="coupled-v2t", n_ctx=2, depth=9)
+    default_prompt = PromptConfig(coupling="coupled-v2t", n_ctx=2, depth=9,
+                                  text_init_mode="template")  # FAP trainers/fap.py: ctx_init = the dataset template
     adversarial = True
     attack_loss = "kl"
     Params = FAPParams

@@ -30,15 +30,28 @@ class ClassifierOutput:
     text: Optional[TextTrace] = None
 
 
-def prompt_texts(classnames: Sequence[str], templates: Sequence[str], n_ctx: int) -> list[str]:
-    """The strings fed to the text tower: with a learned text context, "X … X {class}." (the X
-    placeholders are replaced by context vectors); otherwise every template for every class,
-    class-major (K·T strings)."""
+def prompt_texts(classnames: Sequence[str], templates: Sequence[str], n_ctx: int,
+                 phrase: Optional[str] = None) -> list[str]:
+    """The strings fed to the text tower. With a learned text context (n_ctx > 0):
+    "X … X {class}." when ``phrase`` is None, else "{phrase} {class}." as MaPLe/FAP build it
+    (prompt_prefix + " " + name + "."); either way the first n_ctx tokens after SOS are replaced
+    by context vectors (and by X placeholders in the token ids, see `context_token_ids`).
+    Without a learned context: every template for every class, class-major (K·T strings)."""
     names = [c.replace("_", " ") for c in classnames]
     if n_ctx > 0:
-        prefix = " ".join([CTX_PLACEHOLDER] * n_ctx)
+        prefix = phrase if phrase is not None else " ".join([CTX_PLACEHOLDER] * n_ctx)
         return [f"{prefix} {name}." for name in names]
     return [t.format(name) for name in names for t in templates]
+
+
+def context_token_ids(tokenizer, texts: list[str], n_ctx: int) -> torch.Tensor:
+    """Token ids S×L of ``texts`` with positions 1…n_ctx set to the placeholder token: those
+    positions carry the learned context, whatever words of the phrase the string had there."""
+    tokens = tokenizer(texts)
+    if n_ctx > 0:
+        placeholder = tokenizer([CTX_PLACEHOLDER])[0, 1]
+        tokens[:, 1:1 + n_ctx] = placeholder
+    return tokens
 
 
 class PromptedClassifier(nn.Module):
@@ -53,7 +66,8 @@ class PromptedClassifier(nn.Module):
                  templates: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         self.backbone_info = backbone.describe()
-        self.model = PromptedCLIP(backbone.model, backbone.tokenizer, prompt)
+        first = templates[0] if templates else DEFAULT_TEMPLATE
+        self.model = PromptedCLIP(backbone.model, backbone.tokenizer, prompt, template=first)
         self.tokenizer = backbone.tokenizer
         self.image_size = backbone.image_size
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
@@ -90,12 +104,23 @@ class PromptedClassifier(nn.Module):
                 raise ModelError(f"template {t!r} must contain exactly one '{{}}' for the class name")
         self._classnames = list(classnames)
         self._templates = templates if self.text_ctx_len == 0 else [templates[0]]
-        texts = prompt_texts(self._classnames, self._templates, self.text_ctx_len)
+        phrase = None
+        if self.text_ctx_len and self.prompt_cfg.text_init_mode != "placeholder":
+            phrase = self.prompt_cfg.init_phrase(self._templates[0])
+            self._check_phrase(phrase)
+        texts = prompt_texts(self._classnames, self._templates, self.text_ctx_len, phrase)
         self._check_length(texts)
-        tokens = self.tokenizer(texts)
+        tokens = context_token_ids(self.tokenizer, texts, self.text_ctx_len)
         device = self.mean.device
         self.register_buffer("tokens", tokens.to(device), persistent=False)
         self._cache = None
+
+    def _check_phrase(self, phrase: str) -> None:
+        """The context replaces the phrase's first n_ctx tokens; a shorter phrase would eat into
+        the class name (MaPLe's code silently does; refuse it)."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is not None and len(encode(phrase)) < self.text_ctx_len:
+            raise ModelError(f"the prompt phrase {phrase!r} has fewer tokens than n_ctx = {self.text_ctx_len}")
 
     def _check_length(self, texts: list[str]) -> None:
         """A prompt longer than the text tower's context would be cut silently (and a learned

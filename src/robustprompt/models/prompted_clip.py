@@ -55,7 +55,8 @@ class PromptedCLIP(nn.Module):
     """
 
     def __init__(self, clip: nn.Module, tokenizer: Optional[Callable[..., torch.Tensor]] = None,
-                 prompt: PromptConfig = PromptConfig()) -> None:
+                 prompt: PromptConfig = PromptConfig(), template: Optional[str] = None) -> None:
+        """template: the dataset's main template, the init phrase of text_init_mode 'template'."""
         super().__init__()
         if not isinstance(clip, (CLIP, CustomTextCLIP)):
             raise ModelError(f"unsupported model class {type(clip).__name__}: expected an open_clip CLIP")
@@ -84,8 +85,8 @@ class PromptedCLIP(nn.Module):
 
         self.tokenizer = tokenizer
         self.prompt = PromptLearner(prompt, d_text, d_vision, self.text_layers, self.vision_layers,
-                                    embed_phrase=self._embed_phrase if tokenizer is not None else None
-                                    ) if prompt.coupling != "none" else None
+                                    embed_phrase=self._embed_phrase if tokenizer is not None else None,
+                                    template=template) if prompt.coupling != "none" else None
 
     @torch.no_grad()
     def _embed_phrase(self, phrase: str) -> torch.Tensor:

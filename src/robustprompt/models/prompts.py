@@ -13,6 +13,19 @@ from torch import nn
 
 from ..errors import ConfigError
 
+TEXT_INIT_MODES = ("placeholder", "phrase", "template")
+
+_TEXT_INIT_HELP = {
+    "placeholder": '"X … X {class}." — the context is initialised from text_init only when that '
+                   "phrase has exactly n_ctx tokens, else N(0, init_std²) (CoOp with a full-length init)",
+    "phrase": '"<ctx> <rest of text_init> {class}." — the n_ctx context tokens start as the first '
+              "n_ctx tokens of text_init and its remaining words stay as fixed text (MaPLe's and "
+              "AdvVLP's released code: \"a photo of a\", n_ctx 2 → \"<c1> <c2> of a {class}.\")",
+    "template": "as phrase, with the dataset's own template (its '{}' kept verbatim) as the phrase "
+                "(FAP's released trainers: ctx_init = CUSTOM_TEMPLATES[dataset], so ImageNet reads "
+                '"<c1> <c2> of a {}. {class}.")',
+}
+
 COUPLINGS = ("none", "text", "vision", "independent", "coupled", "coupled-v2t", "fap")
 
 _COUPLING_HELP = {
@@ -31,8 +44,11 @@ class PromptConfig:
     """Which prompts a model carries.
 
     coupling: one of COUPLINGS. n_ctx: tokens per block and tower. depth: number of blocks that
-    receive prompts (1 = shallow). text_init: a phrase whose token embeddings initialise the
-    free block-0 text context when it has exactly n_ctx tokens (else N(0, init_std²)).
+    receive prompts (1 = shallow). text_init: the init phrase. text_init_mode (TEXT_INIT_MODES)
+    says how the class prompt text and the free block-0 text context are formed from it:
+    placeholder ("X … X {class}.", init only when the phrase has exactly n_ctx tokens), phrase
+    (MaPLe: "<ctx> <rest of the phrase> {class}.", init from its first n_ctx tokens) or template
+    (FAP: as phrase, with the dataset's template verbatim as the phrase).
     """
 
     coupling: str = "none"
@@ -40,8 +56,14 @@ class PromptConfig:
     depth: int = 9
     text_init: Optional[str] = "a photo of a"
     init_std: float = 0.02
+    text_init_mode: str = "placeholder"
 
     def __post_init__(self) -> None:
+        if self.text_init_mode not in TEXT_INIT_MODES:
+            raise ConfigError(f"prompt text_init_mode {self.text_init_mode!r} is unknown; choose one of: "
+                              + "; ".join(f"{k} ({v})" for k, v in _TEXT_INIT_HELP.items()))
+        if self.text_init_mode == "phrase" and self.coupling != "none" and not self.text_init:
+            raise ConfigError("prompt text_init_mode 'phrase' needs a text_init phrase (e.g. 'a photo of a')")
         if self.coupling not in COUPLINGS:
             raise ConfigError(f"prompt coupling {self.coupling!r} is unknown; choose one of: "
                               + "; ".join(f"{k} ({v})" for k, v in _COUPLING_HELP.items()))
@@ -50,6 +72,13 @@ class PromptConfig:
                 raise ConfigError(f"prompt n_ctx must be a positive integer, got {self.n_ctx!r}")
             if not isinstance(self.depth, int) or self.depth < 1:
                 raise ConfigError(f"prompt depth must be a positive integer, got {self.depth!r}")
+
+    def init_phrase(self, template: Optional[str] = None) -> Optional[str]:
+        """The phrase the class prompts start with and the text context is initialised from:
+        the dataset's template (``template`` mode, '{}' kept) or ``text_init``."""
+        if self.text_init_mode == "template":
+            return template or "a photo of a {}."
+        return self.text_init
 
     @property
     def has_text(self) -> bool:
@@ -87,6 +116,7 @@ class PromptLearner(nn.Module):
         text_layers: int,
         vision_layers: int,
         embed_phrase: Callable[[str], torch.Tensor] | None = None,
+        template: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -114,11 +144,19 @@ class PromptLearner(nn.Module):
             self.v2t = nn.ModuleList([nn.Linear(d_vision, d_text) for _ in range(depth - 1)])
 
         self.text_init_used = False
-        if self.text_ctx is not None and cfg.text_init and embed_phrase is not None:
-            emb = embed_phrase(cfg.text_init)  # (n_tokens, d_text), without SOS/EOT
-            if emb.shape[0] == n:
+        phrase = cfg.init_phrase(template)
+        if self.text_ctx is not None and phrase and embed_phrase is not None:
+            emb = embed_phrase(phrase)  # (n_tokens, d_text), without SOS/EOT
+            if cfg.text_init_mode == "placeholder":
+                use = emb if emb.shape[0] == n else None
+            elif emb.shape[0] >= n:
+                use = emb[:n]  # MaPLe/FAP: embedding[0, 1:1 + n_ctx] of the tokenised phrase
+            else:
+                raise ConfigError(f"prompt text_init_mode {cfg.text_init_mode!r}: the phrase {phrase!r} has "
+                                  f"{emb.shape[0]} tokens, fewer than n_ctx = {n}")
+            if use is not None:
                 with torch.no_grad():
-                    self.text_ctx[0].copy_(emb)
+                    self.text_ctx[0].copy_(use)
                 self.text_init_used = True
 
     def text_side_parameters(self) -> list[nn.Parameter]:
