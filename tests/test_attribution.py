@@ -31,7 +31,7 @@ def _ref_heads(t, H):
     return t.view(B, N, H, C // H)
 
 
-def _ref_vision(clf64, x, y, create_graph=False):
+def _ref_vision(clf64, x, y, create_graph=False, heads="concat"):
     """Returns (map B×g×g, w B×C, f(o_cls) score function per image, o_cls) computed by hand.
     create_graph=True keeps the map differentiable w.r.t. the prompts (for gradient checks)."""
     m = clf64.model
@@ -67,19 +67,25 @@ def _ref_vision(clf64, x, y, create_graph=False):
     o = o_cls if create_graph else o_cls.detach().requires_grad_(True)
     (w,) = torch.autograd.grad(score_of(o).sum(), o, create_graph=create_graph)
     patches = slice(1, 1 + 16)
-    lam = F.cosine_similarity(qh[:, :1], kh[:, patches], dim=-1)            # B×P×H
+    if heads == "concat":  # the paper's Eq. 6: one cosine over the full q_cls and k_i
+        lam = F.cosine_similarity(q[:, :1], k[:, patches], dim=-1)[..., None].expand(-1, -1, H)
+    else:
+        lam = F.cosine_similarity(qh[:, :1], kh[:, patches], dim=-1)        # B×P×H
     amap = torch.einsum("bph,bphd->bp", lam, vh[:, patches] * w.view(B, 1, H, d))
     return amap.view(B, 4, 4), w, score_of, o_cls
 
 
-def test_vision_map_matches_float64(setup):
+@pytest.mark.parametrize("heads", ["concat", "per_head"])
+def test_vision_map_matches_float64(setup, heads):
     clf, x, y = setup
     out = clf.features(x, vision_trace=LAST)
     score = matching_score(out.image_features, out.text_features, y)
-    amap = vision_attribution(score, out.vision)
+    amap = vision_attribution(score, out.vision, heads=heads)
     clf64 = copy.deepcopy(clf).double()
-    ref_map, ref_w, score_of, o_cls = _ref_vision(clf64, x, y)
+    ref_map, ref_w, score_of, o_cls = _ref_vision(clf64, x, y, heads=heads)
     torch.testing.assert_close(amap.double(), ref_map.detach(), atol=1e-5, rtol=1e-4)
+    if heads == "concat":  # the default is the paper's Eq. 6
+        torch.testing.assert_close(vision_attribution(score, out.vision), amap)
     w = vision_channel_weights(matching_score(out.image_features, out.text_features, y), out.vision)
     torch.testing.assert_close(w.double(), ref_w, atol=1e-6, rtol=1e-4)
     # the channel weights are the score's derivative: central finite differences in float64
@@ -109,10 +115,11 @@ def test_vision_map_gradient_matches_float64(setup):
         torch.testing.assert_close(g.double(), rg, atol=1e-6, rtol=2e-3)
 
 
-def test_text_map_matches_float64(setup):
+@pytest.mark.parametrize("heads", ["concat", "per_head"])
+def test_text_map_matches_float64(setup, heads):
     clf, x, y = setup
     out = clf.features(x, vision_trace=None, text_trace=LAST)
-    amap, valid = text_attribution(clf.model, out.text, out.image_features, y)
+    amap, valid = text_attribution(clf.model, out.text, out.image_features, y, heads=heads)
     clf64 = copy.deepcopy(clf).double()
     # hand-written: last text block over the prompts of the labels, EOT row, per-image w
     m = clf64.model
@@ -144,7 +151,10 @@ def test_text_map_matches_float64(setup):
         r = r + blk.mlp(blk.ln_2(r))
         feat = F.normalize(t.ln_final(r) @ t.text_projection, dim=-1)
         (w,) = torch.autograd.grad((feat * img64[b]).sum(), o)
-        lam = F.cosine_similarity(qh[e][None], kh[:e + 1], dim=-1)            # (e+1)×H
+        if heads == "concat":
+            lam = F.cosine_similarity(q[c, e][None], k[c, :e + 1], dim=-1)[:, None].expand(-1, H)
+        else:
+            lam = F.cosine_similarity(qh[e][None], kh[:e + 1], dim=-1)        # (e+1)×H
         ref = torch.einsum("jh,jhd->j", lam, vh[:e + 1] * w.view(1, H, d))
         torch.testing.assert_close(amap[b, :e + 1].double(), ref.detach(), atol=1e-6, rtol=1e-4)
         assert valid[b].tolist() == [j <= e for j in range(L)]

@@ -8,9 +8,18 @@ EOT for text) and of every other token i:
                                                                     out_proj and the residual)
     map               A_i   = Σ_h λ_i^h Σ_{c ∈ head h} w_c v_i[c]  (signed)
 
-S is the matching score cos(z_v(x), z_t(t_c)) of a chosen class c. Choice made here (the paper
-writes one λ_i): λ is computed per head and multiplies that head's value channels, since each
-value channel belongs to exactly one head; `heads="concat"` uses one cosine over all heads instead.
+S is the matching score cos(z_v(x), z_t(t_c)) of a chosen class c. The paper's Eq. 6 is one
+cosine over the full (all heads concatenated) q_pool and k_i: `heads="concat"`, the default.
+`heads="per_head"` computes λ per head and lets it multiply only that head's value channels.
+
+Textual distribution (the paper's L_TAA is a KL between textual maps, which it calls "sparse and
+focused"; it does not say how a signed map becomes a distribution). A plain softmax of the raw map
+is at the mercy of the backbone's scale: |A_t| is ~1e-2 on CLIP-like models, so softmax(A_t) is
+uniform to six digits and L_TAA ≈ 1e-7 has no gradient worth the name. Choice made here:
+standardise the map over the prompt's tokens 0…EOT (subtract its mean, divide by its standard
+deviation), then softmax at temperature τ = 1: the distribution then depends only on the map's
+shape, not on its units, on every backbone, and keeps the signed map's ranking. `norm="none"`
+restores the plain softmax of the raw values (softmax(A/τ)).
 """
 from __future__ import annotations
 
@@ -22,7 +31,9 @@ import torch.nn.functional as F
 from ..models.prompted_clip import PromptedCLIP, TextTrace, VisionTrace
 from ..models.trace import BlockTrace, block_tail
 
-HeadMode = Literal["per_head", "concat"]
+HeadMode = Literal["concat", "per_head"]
+TextNorm = Literal["standardize", "none"]
+TEXT_NORMS = ("standardize", "none")
 
 
 def _forward_weights(q_pool: torch.Tensor, k: torch.Tensor, num_heads: int, heads: HeadMode) -> torch.Tensor:
@@ -55,7 +66,7 @@ def vision_channel_weights(score: torch.Tensor, trace: VisionTrace, create_graph
     return g[:, 0]
 
 
-def vision_attribution(score: torch.Tensor, trace: VisionTrace, *, heads: HeadMode = "per_head",
+def vision_attribution(score: torch.Tensor, trace: VisionTrace, *, heads: HeadMode = "concat",
                        create_graph: bool = False) -> torch.Tensor:
     """Signed CBA visual map over the patch grid: B×gh×gw.
 
@@ -72,7 +83,7 @@ def vision_attribution(score: torch.Tensor, trace: VisionTrace, *, heads: HeadMo
 
 
 def text_attribution(model: PromptedCLIP, trace: TextTrace, image_features: torch.Tensor, classes: torch.Tensor,
-                     *, heads: HeadMode = "per_head", create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     *, heads: HeadMode = "concat", create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Signed CBA textual map of class `classes[b]`'s prompt as seen from image b.
 
     trace: last text block over the K class prompts; image_features B×D (normalised) of the image
@@ -98,6 +109,34 @@ def text_attribution(model: PromptedCLIP, trace: TextTrace, image_features: torc
     return amap, valid
 
 
-def text_distribution(amap: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Softmax over the valid tokens of a textual map (B×L → B×L, zeros elsewhere)."""
-    return amap.masked_fill(~valid, float("-inf")).softmax(dim=-1)
+def text_logits(amap: torch.Tensor, valid: torch.Tensor, *, norm: TextNorm = "standardize",
+                temperature: float = 1.0) -> torch.Tensor:
+    """The logits whose softmax over the valid tokens is the textual distribution: B×L → B×L.
+
+    norm="standardize": (A − mean) / std over each row's valid tokens, divided by τ; "none": A / τ.
+    Invalid tokens get a large finite negative logit (not −inf, whose differences would turn the
+    gradients of a KL into NaN), so their probability is exactly 0 in float32 and float64.
+    """
+    if norm not in TEXT_NORMS:
+        raise ValueError(f"textual map norm must be one of {TEXT_NORMS}, got {norm!r}")
+    a = amap
+    if norm == "standardize":
+        v = valid.to(amap.dtype)
+        n = v.sum(-1, keepdim=True).clamp_min(1.0)
+        mean = (amap * v).sum(-1, keepdim=True) / n
+        var = (((amap - mean) * v) ** 2).sum(-1, keepdim=True) / n
+        # a constant map (std 0) becomes uniform with finite gradients instead of 0/0
+        a = (amap - mean) / torch.sqrt(var + torch.finfo(amap.dtype).tiny)
+    return (a / temperature).masked_fill(~valid, -1e9)
+
+
+def text_distribution(amap: torch.Tensor, valid: torch.Tensor, *, norm: TextNorm = "standardize",
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Textual map → distribution over each prompt's valid tokens (B×L, zeros elsewhere)."""
+    return text_logits(amap, valid, norm=norm, temperature=temperature).softmax(-1) * valid
+
+
+def normalised_entropy(dist: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Entropy / log(number of valid tokens) per row, B: 1 = uniform, 0 = one token."""
+    h = -(dist * dist.clamp_min(1e-30).log()).sum(-1)
+    return h / valid.sum(-1).clamp_min(2).to(dist.dtype).log()
