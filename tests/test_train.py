@@ -1,5 +1,6 @@
 """Training engine and methods: every method trains, resume is exact, processes agree, errors are clear."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -198,3 +199,19 @@ def test_adversarial_methods_beat_zero_shot_robustness(tmp_path):
                      tmp_path / f"{method}-eval", progress=False)
         assert m["robust_acc"] > zs["robust_acc"] + 3, (method, m["robust_acc"], zs["robust_acc"])
         assert m["method"] == method and m["shots"] == 32
+
+
+def test_epochs_record_each_terms_gradient_share(tmp_path):
+    m = train(demo_cfg("cba_fapt", **{"optim.epochs": 1}), tmp_path / "run", progress=False)
+    h = m["epochs"][0]
+    assert {k[len("grad_share."):] for k in h if k.startswith("grad_share.")} == {"nat", "adv", "vaa", "taa"}
+    assert sum(h[f"grad_share.{t}"] for t in ("nat", "adv", "vaa", "taa")) == pytest.approx(1.0)
+    assert (h["grad_weight.nat"], h["grad_weight.adv"], h["grad_weight.vaa"], h["grad_weight.taa"]) == (1, 5, 0.05, 0.03)
+    assert all(math.isfinite(h[f"grad_norm.{t}"]) and h[f"grad_norm.{t}"] > 0 for t in ("nat", "adv", "vaa", "taa"))
+
+
+def test_apd_logs_the_teachers_accuracy_under_its_own_name(tmp_path):
+    m = train(demo_cfg("apd", **{"optim.epochs": 1}), tmp_path / "run", progress=False)
+    h = m["epochs"][0]
+    assert "train_teacher_clean_acc" in h and "train_adv_acc" in h
+    assert "train_clean_acc" not in h  # the student is never evaluated on clean images in its step

@@ -73,7 +73,33 @@ def _prompt_tuning(out: Path, subset: int, progress: bool, device: str, zero_sho
     note = (f"32-shot prompt tuning on Fashion-MNIST train (10 epochs, PGD-2 ε={TRAIN_EPS}/255 training "
             f"attack), mean ± sample std over seeds {list(SEEDS)}; evaluated on the same {subset} test images "
             f"with ℓ∞ PGD-{PGD_STEPS}, α = ε/4, float32. Accuracies in %.")
-    return f"{format_table(header, rows)}\n\n{note}\n"
+    return f"{format_table(header, rows)}\n\n{note}\n\n{_gradient_shares(out / 'prompt-tuning')}"
+
+
+def _gradient_shares(root: Path) -> str:
+    """Each loss term's weighted share of the prompt gradient, first and last epoch, mean over seeds:
+    a regulariser that is right in form but numerically dead shows up here as ~0%."""
+    import json
+    import statistics
+
+    from ..methods import method_class
+
+    rows = []
+    for name in METHODS:
+        epochs = [json.loads((root / f"method={name}" / f"seed-{s}" / "train" / "metrics.json").read_text())["epochs"]
+                  for s in SEEDS]
+        terms = [k[len("grad_share."):] for k in epochs[0][0] if k.startswith("grad_share.")]
+        for t in terms:
+            first = statistics.mean(e[0][f"grad_share.{t}"] for e in epochs)
+            last = statistics.mean(e[-1][f"grad_share.{t}"] for e in epochs)
+            weight = epochs[0][0].get(f"grad_weight.{t}", float("nan"))
+            rows.append([method_class(name).title, t, f"{weight:g}", f"{100 * first:.3g}", f"{100 * last:.3g}"])
+    table = format_table(["method", "loss term", "weight", "share, epoch 1 (%)", "share, last epoch (%)"], rows,
+                         align="llrrr")
+    return (f"{table}\n\nWeighted gradient share of each loss term, ‖∇θ(w·L)‖ / Σ ‖∇θ(w·L)‖ over the trainable "
+            f"prompt parameters on the first batch of an epoch, mean over seeds (grad_share.* in each epoch of "
+            f"the training runs' metrics.json).\n")
+
 
 
 # Test-time defences on the demo: 28-px images make torchvision's default crops (down to 8% of the

@@ -83,5 +83,6 @@ class APD(Method):
         kd = (target * (target.clamp_min(1e-12).log() - (student / T).log_softmax(-1))).sum(-1).mean() * T * T
         ce = F.cross_entropy(student, y)
         terms.update({"adv_ce": ce, "kd": kd})
-        loss = ce + lam * kd + terms.get("teacher_ce", 0.0)
-        return StepResult(loss, terms, clean_logits=teacher, adv_logits=student)
+        weights = {"adv_ce": 1.0, "kd": lam, **({"teacher_ce": 1.0} if "teacher_ce" in terms else {})}
+        # the clean logits here are the teacher's: logged as the teacher's accuracy, not the student's
+        return StepResult.weighted(terms, weights, adv_logits=student, aux_logits={"teacher_clean": teacher})

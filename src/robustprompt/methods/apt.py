@@ -42,4 +42,4 @@ class APT(Method):
             x_adv = self.attack(clf, x, y, txt)
         logits = clf.features(x_adv, text=(txt, None)).logits
         ce = F.cross_entropy(logits, y)
-        return StepResult(ce, {"adv_ce": ce}, adv_logits=logits)
+        return StepResult(ce, {"adv_ce": ce}, adv_logits=logits, weights={"adv_ce": 1.0})

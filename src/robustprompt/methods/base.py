@@ -21,12 +21,24 @@ from ..models import PromptConfig, PromptedClassifier
 @dataclass
 class StepResult:
     """What one training step reports: the loss to minimise, its named terms (for logging and
-    non-finite checks), and logits for running accuracies."""
+    non-finite checks), the weight of each term in the loss (loss = Σ weights[k]·terms[k], for the
+    gradient-share diagnostics), and logits for running accuracies."""
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     clean_logits: Optional[torch.Tensor] = None
     adv_logits: Optional[torch.Tensor] = None
+    weights: dict[str, float] = field(default_factory=dict)
+    aux_logits: dict[str, torch.Tensor] = field(default_factory=dict)   # other models' logits, e.g. a teacher's
+
+    @classmethod
+    def weighted(cls, terms: dict[str, torch.Tensor], weights: dict[str, float], **kw) -> "StepResult":
+        """loss = Σ weights[k]·terms[k]; every weighted term must be a named term."""
+        missing = set(weights) - set(terms)
+        if missing:
+            raise ValueError(f"weights name terms that do not exist: {sorted(missing)}")
+        loss = sum(float(w) * terms[k] for k, w in weights.items())
+        return cls(loss, terms, weights=dict(weights), **kw)
 
 
 @dataclass

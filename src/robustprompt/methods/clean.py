@@ -14,4 +14,4 @@ class CleanPromptTuning(Method):
     def step(self, clf: PromptedClassifier, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         logits = clf(x)
         ce = F.cross_entropy(logits, y)
-        return StepResult(ce, {"ce": ce}, clean_logits=logits)
+        return StepResult(ce, {"ce": ce}, clean_logits=logits, weights={"ce": 1.0})

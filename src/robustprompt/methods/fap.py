@@ -45,5 +45,5 @@ class FAP(Method):
         kl = kl_per_example(clean.logits, adv.logits)
         cos = (clean.image_features * adv.image_features).sum(-1)
         reg = (kl * (1 + cos)).mean()
-        loss = ce + self.params.lam1 * reg
-        return StepResult(loss, {"ce": ce, "kl_cos": reg}, clean_logits=clean.logits, adv_logits=adv.logits)
+        return StepResult.weighted({"ce": ce, "kl_cos": reg}, {"ce": 1.0, "kl_cos": self.params.lam1},
+                                   clean_logits=clean.logits, adv_logits=adv.logits)

@@ -54,6 +54,18 @@ def print_train_summary(m: dict[str, Any]) -> None:
     print(f"trained {m['method']} on {m['dataset']} ({shots}, {m['n_train']} images, seed {m['seed']}) "
           f"— {m['n_prompt_parameters']} prompt parameters")
     for h in m.get("epochs", [])[-3:]:
-        accs = " ".join(f"{k}={h[k]:.1f}" for k in ("train_clean_acc", "train_adv_acc") if k in h)
+        accs = " ".join(f"{k}={h[k]:.1f}" for k in sorted(h) if k.startswith("train_") and k.endswith("_acc"))
         print(f"  epoch {h['epoch']}: loss {h['loss']:.4f} lr {h['lr']:.2e} {accs}")
+    shares = format_grad_shares(m.get("epochs", [])[-1:] and m["epochs"][-1])
+    if shares:
+        print(f"  weighted gradient share per loss term (first step of the last epoch): {shares}")
     print(f"  wall time: {m['wall_time_s']:.1f} s")
+
+
+def format_grad_shares(summary: dict[str, Any]) -> str:
+    """'nat 12.3% (|g| 2.1), adv 80.1% (|g| 11.9), …' from an epoch summary's grad_share/grad_norm keys."""
+    if not summary:
+        return ""
+    names = [k[len("grad_share."):] for k in summary if k.startswith("grad_share.")]
+    return ", ".join(f"{n} {100 * summary[f'grad_share.{n}']:.3g}% (|g| {summary.get(f'grad_norm.{n}', 0.0):.3g})"
+                     for n in names)
