@@ -150,3 +150,24 @@ def test_defaults_follow_the_released_code():
     for bad in ({"lambda_y": 0}, {"lambda_q": -1}, {"inner_steps": 0}, {"knn_ratio": 0}, {"tol": -1}):
         with pytest.raises(ConfigError, match="mta"):
             build_procedure("mta", bad)
+
+
+def test_inlierness_is_far_from_uniform_on_the_demo_backbone():
+    # the swapped-λ reading gave max y ≈ 0.017 ≈ 1/64 here: every view weighted alike
+    from robustprompt.api import get_backbone
+    from robustprompt.data import build_dataset, clip_transform
+
+    ds = build_dataset("fashion_mnist")
+    clf = PromptedClassifier(get_backbone("demo"), ds.classnames, TPT_PROMPT)
+    split = ds.split("test")
+    x = torch.stack([clip_transform(28)(split.load(i)) for i in range(4)])
+    proc = build_procedure("mta", {"n_views": 64})
+    solved = []
+    solve = proc.solve
+    proc.solve = lambda logits, feats: solved.append(solve(logits, feats)) or solved[-1]
+    with torch.no_grad():
+        probs = proc.run(clf, x, [0, 1, 2, 3])
+    y = solved[0].inlierness
+    assert y.shape == (4, 64) and torch.allclose(y.sum(1), torch.ones(4, dtype=y.dtype))
+    assert (y.max(1).values > 4 / 64).all()                     # measured 0.13–0.69
+    assert (probs.argmax(1) == torch.tensor(split.labels[:4])).sum() >= 2   # demo backbone ~86%
