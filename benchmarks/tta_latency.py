@@ -83,7 +83,7 @@ def naive_atpt(proc, clf, image: torch.Tensor, seed: int) -> int:
         logits = scale * clf.encode_image(final)[0] @ txt.t()                           # prediction pass
     own = torch.stack([naive_rollout_map(clf, v) for v in final])                       # each view's own map
     probs = tv_fusion(logits[None], sel[None], own[None], resolution=p.tv_resolution, size=image.shape[-1],
-                      space=p.fuse_space)
+                      space=p.space)
     return int(probs.argmax())
 
 
@@ -105,7 +105,7 @@ def main() -> None:
         torch.manual_seed(0)
         bb = get_backbone(name, device=device)
         clf = PromptedClassifier(bb, [f"class {i}" for i in range(args.classes)], TPT_PROMPT).to(device)
-        proc = build_procedure("atpt", {"n_views": args.views})
+        proc = build_procedure("atpt", {"n_views": args.views, "fusion": "tv"})  # the paper's TV path: two rollouts
         images = torch.rand(args.images, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(1))
         images = images.to(device)
         proc.run(clf, images[:1], [0])   # warm-up

@@ -242,3 +242,12 @@ def test_stacking_on_trained_prompts(tmp_path):
     for a, b in zip(init, clf.model.prompt.text_prompts()):   # starts from the learned text-side prompts
         torch.testing.assert_close(a, b.detach())
     assert len(init) == 2  # every prompted block's text context is tuned; the vision prompts stay as trained
+
+
+def test_atpt_defaults_follow_the_released_code():
+    """The released A-TPT code has no TV step: its numbers come from R-TPT's fusion over logits.
+    The paper's TV weighting is selectable and then fuses probabilities (its Σ w p)."""
+    p = build_procedure("atpt").params
+    assert (p.fusion, p.space, p.mix_source) == ("rtpt", "logits", "chain")
+    assert build_procedure("atpt", {"fusion": "tv"}).params.space == "probs"
+    assert build_procedure("atpt", {"fusion": "tv", "fuse_space": "logits"}).params.space == "logits"

@@ -41,7 +41,7 @@ class APD(Method):
     name = "apd"
     title = "APD"
     summary = "APD: adversarial student distilled from a clean teacher CLIP (online or frozen)"
-    default_prompt = PromptConfig(coupling="independent", n_ctx=2, depth=9)
+    default_prompt = PromptConfig(coupling="independent", n_ctx=2, depth=9, text_init_mode="phrase")  # as AdvVLP's code
     adversarial = True
     Params = APDParams
 

@@ -70,7 +70,7 @@ class CBAFAPT(Method):
     name = "cba_fapt"
     title = "CBA-FAPT"
     summary = "CBA-FAPT: L_nat + α·L_adv + β·L_VAA + γ·L_TAA with bidirectional attribution alignment"
-    default_prompt = PromptConfig(coupling="coupled-v2t", n_ctx=2, depth=9)
+    default_prompt = PromptConfig(coupling="coupled-v2t", n_ctx=2, depth=9, text_init_mode="template")  # as FAP's code
     adversarial = True
     Params = CBAFAPTParams
 

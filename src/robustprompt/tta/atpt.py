@@ -1,4 +1,5 @@
-"""A-TPT (Hai et al., ICML 2026): attention-guided views and a TV-weighted ensemble.
+"""A-TPT (Hai et al., ICML 2026): attention-guided views, and a TV-weighted (paper) or R-TPT
+(released code, the default) ensemble.
 
 Per image (all images of a batch together):
 1. views: crops+flips b_j and AugMix chain mixtures mix_j (tta.views); the token-gradient rollout
@@ -7,7 +8,8 @@ Per image (all images of a batch together):
    image, as the released code does; then x_j = (1−λ)⊙b_j + λ⊙mix_j with λ = m_high on the top
    ⌈r·S²⌉ pixels, m_low elsewhere (``mix_source``: chain = released code | augmix).
 2. R-TPT's per-view entropy loss on the most confident views, one AdamW step.
-3. prediction, ``fusion``:
+3. prediction, ``fusion`` (default ``rtpt``: the released code, which produced the paper's
+   numbers, has no TV step; the paper's TV weighting is ``fusion=tv``):
    - ``tv`` (paper): w_i = softmax(−TV(A(x_i))) over the kept views, TV of each *final* view's
      own map A(x_i) — a second batched forward + backward over all P·V final views. The map is
      normalised as in step 1 and its TV taken at ``tv_resolution``: ``image`` (default; S×S, the
@@ -18,7 +20,8 @@ Per image (all images of a batch together):
    - ``rtpt``: R-TPT's similarity-weighted ensemble — what the released code does (it has no TV
      step at all; it fuses with R-TPT's weights over the views ranked by tuned entropy).
    Both fuse in ``fuse_space`` (logits: softmax(Σ w_i z_i), the released code's ``weight @
-   logits``; probs: Σ w_i p(x_i), the paper's ĉ = argmax Σ_i w_i p_c(x_i)).
+   logits``; probs: Σ w_i p(x_i), the paper's ĉ = argmax Σ_i w_i p_c(x_i)). Unset, it follows the
+   fusion's source: logits for ``rtpt`` (code), probs for ``tv`` (paper; no code to follow).
 Rollout (``rollout_weights``): paper = last two blocks averaged equally (default), code = 1/3, 2/3.
 """
 from __future__ import annotations
@@ -45,9 +48,9 @@ class ATPTParams(TTAParams):
     mix_source: str = "chain"     # chain (released code: AugMix's chain mixture) | augmix (finished AugMix view)
     rollout: str = "token_grad"   # token_grad (A-TPT) | gar (original gradient attention rollout)
     rollout_weights: str = "paper"  # paper (last two blocks equally) | code (1/3, 2/3)
-    fusion: str = "tv"            # tv (paper) | rtpt (released code)
+    fusion: str = "rtpt"          # rtpt (released code) | tv (paper)
     tv_resolution: str = "image"  # image (S×S, upsampled) | grid (patch grid)
-    fuse_space: str = "logits"    # logits (released code) | probs (paper's Σ w p)
+    fuse_space: Optional[str] = None  # logits | probs; None: logits for rtpt (code), probs for tv (paper)
     top_k: int = 20               # for fusion = rtpt
     temperature: float = 0.01
 
@@ -58,9 +61,18 @@ class ATPTParams(TTAParams):
         for field_name, allowed in choices.items():
             if getattr(self, field_name) not in allowed:
                 raise ConfigError(f"atpt {field_name} must be one of {allowed}, got {getattr(self, field_name)!r}")
-        check_fuse_space(self.fuse_space, "atpt")
+        if self.fuse_space is not None:
+            check_fuse_space(self.fuse_space, "atpt")
         if not self.augmix:
             raise ConfigError("atpt mixes AugMix views by attention: it needs augmix: true")
+
+
+    @property
+    def space(self) -> FuseSpace:
+        """The fusion space in force: fuse_space, or the reading that goes with the fusion."""
+        if self.fuse_space is not None:
+            return self.fuse_space  # type: ignore[return-value]
+        return "logits" if self.fusion == "rtpt" else "probs"
 
 
 def tv_weights(maps: torch.Tensor) -> torch.Tensor:
@@ -93,7 +105,7 @@ def tv_fusion(logits: torch.Tensor, selected: torch.Tensor, maps: torch.Tensor, 
 class ATPT(TTAProcedure):
     name = "atpt"
     title = "A-TPT"
-    summary = "attention-guided AugMix views, per-view entropy, TV-weighted ensemble of kept views"
+    summary = "attention-guided AugMix views, per-view entropy, R-TPT (code) or TV-weighted (paper) ensemble"
     Params = ATPTParams
 
     def _maps(self, clf, x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +135,6 @@ class ATPT(TTAProcedure):
     def predict(self, logits, feats, selected, viewset: ViewSet, text_features, scale):
         p = self.params
         if p.fusion == "rtpt":
-            return rtpt_fusion(logits, feats, p.top_k, p.temperature, p.fuse_space)
+            return rtpt_fusion(logits, feats, p.top_k, p.temperature, p.space)
         return tv_fusion(logits, selected, viewset.extra["maps"], resolution=p.tv_resolution,
-                         size=viewset.views.shape[-1], space=p.fuse_space)
+                         size=viewset.views.shape[-1], space=p.space)
