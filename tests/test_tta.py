@@ -251,3 +251,18 @@ def test_atpt_defaults_follow_the_released_code():
     assert (p.fusion, p.space, p.mix_source) == ("rtpt", "logits", "chain")
     assert build_procedure("atpt", {"fusion": "tv"}).params.space == "probs"
     assert build_procedure("atpt", {"fusion": "tv", "fuse_space": "logits"}).params.space == "logits"
+
+
+def test_atpt_without_augmix_uses_the_crop_bases(tiny_backbone, tiny_images):
+    """As the released atpt.py on ImageNet (augmix=False): mix = base, so the views are the bases
+    themselves, and no rollout is needed to build them."""
+    from robustprompt.tta.views import augmix_views
+
+    clf = PromptedClassifier(tiny_backbone, ["a", "b", "c"], TPT_PROMPT)
+    proc = build_procedure("atpt", {**SMALL, "augmix": False})
+    gens = [torch.Generator().manual_seed(s) for s in (4, 5)]
+    vs = proc.make_views(clf, tiny_images[:2], gens)
+    want = torch.stack([augmix_views(img, 8, torch.Generator().manual_seed(s), use_augmix=False,
+                                     crop_scale=(proc.params.crop_scale, 1.0)).views
+                        for img, s in zip(tiny_images[:2], (4, 5))])
+    torch.testing.assert_close(vs.views, want)

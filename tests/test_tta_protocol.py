@@ -61,8 +61,8 @@ def test_ctpt_mta_and_atpt_follow_their_own_released_code():
     # MTA's main.py: augmix only with --tpt, so an MTA run uses crops + flips on every dataset
     assert augmix_for("mta", "imagenet_r") is False and augmix_for("mta", "fashion_mnist") is False
     assert augmix_for("mta", "imagenet", augmix=True) is True
-    # A-TPT mixes AugMix by attention here; it keeps AugMix on ImageNet (see CROPS_ONLY_ON_IMAGENET)
-    assert augmix_for("atpt", "imagenet_a") is True
+    # A-TPT's released atpt.py follows TPT's rule: its views are the crop bases on ImageNet
+    assert augmix_for("atpt", "imagenet_a") is False and augmix_for("atpt", "dtd") is True
 
 
 def test_an_unknown_procedure_is_still_a_config_error():

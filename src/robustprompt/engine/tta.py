@@ -51,11 +51,9 @@ IMAGENET_FAMILY = frozenset({"imagenet", "imagenetv2", "imagenet_sketch", "image
 #   --I_augmix, i.e. AugMix on the ImageNet family too — the class default (True) everywhere.
 # - MTA: main.py passes augmix=(len(set_id)>1 and args.tpt), False for an --mta run, so crops +
 #   flips on every dataset — MTAParams' own default (False) everywhere.
-# - A-TPT: its released atpt.py also passes augmix=len(dset)>1 (on ImageNet its attention-guided
-#   views then reduce to the crop bases, mix = base). Here A-TPT's views are AugMix mixed by
-#   attention and its parameters refuse augmix: false, so it keeps AugMix on ImageNet by default;
-#   adding "atpt" below is the released code's choice once its views accept augmix: false.
-CROPS_ONLY_ON_IMAGENET = frozenset({"tpt", "rtpt"})
+# A-TPT (SEU-VIPGroup/A-TPT atpt.py) passes augmix=len(dset)>1 too: on ImageNet its
+# attention-guided views reduce to the crop bases (mix = base), which `augmix: false` gives.
+CROPS_ONLY_ON_IMAGENET = frozenset({"tpt", "rtpt", "atpt"})
 
 
 def is_imagenet_family(dataset: str) -> bool:

@@ -63,8 +63,6 @@ class ATPTParams(TTAParams):
                 raise ConfigError(f"atpt {field_name} must be one of {allowed}, got {getattr(self, field_name)!r}")
         if self.fuse_space is not None:
             check_fuse_space(self.fuse_space, "atpt")
-        if not self.augmix:
-            raise ConfigError("atpt mixes AugMix views by attention: it needs augmix: true")
 
 
     @property
@@ -117,14 +115,17 @@ class ATPT(TTAProcedure):
 
     def make_views(self, clf, images, gens) -> ViewSet:
         p = self.params
-        per_image = [augmix_views(img, p.n_views, g, use_augmix=True, crop_scale=(p.crop_scale, 1.0))
+        per_image = [augmix_views(img, p.n_views, g, use_augmix=p.augmix, crop_scale=(p.crop_scale, 1.0))
                      for img, g in zip(images, gens)]
         bases = torch.stack([v.bases for v in per_image])                     # P×V×3×S×S
         P, V, _, S, _ = bases.shape
-        full = upsample(self._maps(clf, bases).flatten(0, 1), S).view(P, V, S, S)
-        views = torch.stack([attention_guided_views(v, m, ratio=p.ratio, m_high=p.m_high, m_low=p.m_low,
-                                                    mix_source=p.mix_source)
-                             for v, m in zip(per_image, full)])
+        if p.augmix:
+            full = upsample(self._maps(clf, bases).flatten(0, 1), S).view(P, V, S, S)
+            views = torch.stack([attention_guided_views(v, m, ratio=p.ratio, m_high=p.m_high, m_low=p.m_low,
+                                                        mix_source=p.mix_source)
+                                 for v, m in zip(per_image, full)])
+        else:  # the released code without AugMix (ImageNet): mix = base, so the views are the bases
+            views = bases
         # TV weights need each final view's own map; R-TPT fusion needs none
         extra = {"maps": self._maps(clf, views)} if p.fusion == "tv" else {}
         return ViewSet(views, extra)
