@@ -68,3 +68,15 @@ def test_bad_experiment_configs():
         expand(from_dict(ExperimentConfig, {**SMALL, "grid": {"train.method.name": ["fapp"]}}))
     with pytest.raises(ConfigError, match="distinct names"):
         expand(from_dict(ExperimentConfig, {**SMALL, "eval": {"targets": [{}, {}]}}))
+
+
+@pytest.mark.parametrize("path, epochs", [("configs/cba_fapt/few_shot.yaml", 10), ("configs/cba_fapt/base_to_new.yaml", 10),
+                                          ("configs/cba_fapt/cross_dataset.yaml", 5), ("configs/apd/few_shot.yaml", 10)])
+def test_protocol_configs_match_faps_released_settings(path, epochs):
+    """FAP's vit_b32_ep{10,5}_batch4_2ctx_notransform.yaml: no augmentation, squash resize, batch 4,
+    SGD lr 0.0035, 10 epochs (5 cross-dataset), PGD-2 ε = α = 1/255 training attack."""
+    raw = yaml.safe_load((ROOT / path).read_text())
+    data, optim = raw["train"]["data"], raw["train"]["optim"]
+    assert (data["augment"], data["resize_mode"], data["batch_size"]) == ("none", "squash", 4)
+    assert (optim["epochs"], optim["lr"], optim["warmup_epochs"], optim["warmup_lr"]) == (epochs, 0.0035, 1, 1e-5)
+    assert raw["train"]["train_attack"] == {"attack": "pgd", "norm": "linf", "eps": 1, "alpha": 1, "steps": 2}
