@@ -141,7 +141,7 @@ def test_gradient_norms_by_hand():
     # L1 = Σa² (∇a = 2a, ∇b = 0); L2 = a₀·b (∇a = (b, 0), ∇b = a₀); L3 does not reach a or b
     terms = {"l1": (a ** 2).sum(), "l2": a[0] * b[0], "l3": frozen.sum() * 1.0}
     r = StepResult.weighted(terms, {"l1": 2.0, "l2": 3.0, "l3": 4.0})
-    assert float(r.loss) == pytest.approx(2 * 5.0 + 3 * 3.0 + 4 * 5.0)
+    assert float(r.loss.detach()) == pytest.approx(2 * 5.0 + 3 * 3.0 + 4 * 5.0)
     norms = gradient_norms(r, [a, b, frozen])
     assert norms["l1"] == pytest.approx(2 * math.sqrt(2 ** 2 + 4 ** 2))
     assert norms["l2"] == pytest.approx(3 * math.sqrt(3 ** 2 + 1 ** 2))
