@@ -7,6 +7,12 @@ given and keeps the results of kind ``eval`` and ``tta``; training runs are skip
 Every number a report shows is tied to a threat model, so each record carries ``threat_key``, a
 hashable canonical identity of the attack (plus ``adaptive`` and ``quantize_adv``). Tables and
 plots group by it and never put two threat models in one column.
+
+A run that ran several attacks (issue 9: ``attacks`` and ``worst_case`` in metrics.json) reports
+its worst case per image as ``robust_acc``; its threat key is the budget plus the set of attacks
+the worst case is over, each with its own identity (the threat of a fixed attack, the settings of
+an adaptive one), so runs that ran different attacks never share a column. `select_attack` gives
+one attack's accuracy instead. Old runs (no ``attacks``) are read as before.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import json
 import logging
 import math
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -82,6 +89,8 @@ class RunResult:
     up across the datasets a trained prompt is evaluated on), else the evaluation seed.
     ``method`` is the display title; ``method_key`` the raw name (the test-time method for a
     ``tta`` run); ``base_method`` the raw ``method`` field (the prompts a test-time method ran on).
+    ``attacks`` holds each attack of a multi-attack run (empty for an old single-attack run); then
+    ``robust_acc`` is the worst case per image over them.
     """
 
     path: Path
@@ -101,6 +110,7 @@ class RunResult:
     kind: str = field(default="eval", kw_only=True)
     split: str = field(default="test", kw_only=True)
     base_method: str = field(default="", kw_only=True)
+    attacks: tuple["AttackResult", ...] = field(default=(), compare=False, hash=False, kw_only=True)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False, kw_only=True)
 
     @property
@@ -109,6 +119,20 @@ class RunResult:
         base-to-new split and ``@<split>`` when it is not the test split."""
         col = self.dataset if self.classes in ("all", "", None) else f"{self.dataset}/{self.classes}"
         return col if self.split in ("test", "", None) else f"{col}@{self.split}"
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """One attack of a multi-attack run: ``key`` (nonadaptive, adaptive_secret, adaptive_known,
+    pgd, autoattack, …), its display ``title``, ``randomness`` ("known", "secret" or None when the
+    attack is not against the defence's randomness), accuracy ``acc`` (%) and ``identity``, a
+    hashable canonical form of what was run (runs agree on an attack only if identities match)."""
+
+    key: str
+    title: str
+    randomness: Optional[str]
+    acc: float
+    identity: tuple
 
 
 def collect_runs(paths: Sequence[str | Path]) -> list[RunResult]:
@@ -167,8 +191,15 @@ def run_from_metrics(m: dict[str, Any], path: str | Path = ".") -> RunResult:
         raise TypeError("'threat' is not an object")
     seed = m.get("train_seed", m.get("seed"))
     shots = m.get("shots")
-    key = threat_key(threat, adaptive=m.get("adaptive", threat.get("adaptive", False)),
-                     quantize_adv=m.get("quantize_adv", threat.get("quantize_adv")))
+    quantize_adv = m.get("quantize_adv", threat.get("quantize_adv"))
+    attacks = attack_results(m)
+    robust_acc = _num(m, "robust_acc")
+    if attacks:
+        over = _worst_case_over(m, attacks, robust_acc, path)
+        key, label = multi_attack_key(threat, [a for a in attacks if a.key in over], quantize_adv=quantize_adv)
+    else:
+        key = threat_key(threat, adaptive=m.get("adaptive", threat.get("adaptive", False)), quantize_adv=quantize_adv)
+        label = threat_label(key)
     return RunResult(
         path=Path(path),
         method=method_title(method_key),
@@ -178,17 +209,121 @@ def run_from_metrics(m: dict[str, Any], path: str | Path = ".") -> RunResult:
         shots=None if shots is None else _int(shots, "shots"),
         seed=None if seed is None else _int(seed, "seed"),
         clean_acc=_num(m, "clean_acc"),
-        robust_acc=_num(m, "robust_acc"),
+        robust_acc=robust_acc,
         n=None if m.get("n") is None else _int(m["n"], "n"),
         threat=threat,
         threat_key=key,
-        threat_label=threat_label(key),
+        threat_label=label,
         backbone=backbone_label(m.get("backbone")),
         kind=str(m["kind"]),
         split=str(m.get("split") or "test"),
         base_method=base_method,
+        attacks=tuple(attacks),
         raw=m,
     )
+
+
+def attack_results(m: dict[str, Any]) -> list[AttackResult]:
+    """The ``attacks`` list of a metrics dict as AttackResults ([] when absent); ValueError or
+    TypeError when malformed (not a list of objects with a unique string key and a finite acc)."""
+    entries = m.get("attacks")
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise TypeError("'attacks' is not a list")
+    out = []
+    for e in entries:
+        if not isinstance(e, dict):
+            raise TypeError("an 'attacks' entry is not an object")
+        key = _str(e, "key")
+        randomness = e.get("randomness")
+        if randomness not in (None, "known", "secret"):
+            raise ValueError(f"attack {key!r}: randomness should be 'known', 'secret' or null, got {randomness!r}")
+        out.append(AttackResult(key, str(e.get("title") or key), randomness, _num(e, "acc"), attack_identity(e)))
+    keys = [a.key for a in out]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"'attacks' repeats a key: {keys}")
+    return out
+
+
+def attack_identity(entry: dict[str, Any]) -> tuple:
+    """What an attack entry ran, canonically: its key plus the threat key of a fixed attack
+    (``threat``) or the scalar settings of an adaptive one (``attack``; seeds left out, since the
+    attacker's seeds differ between runs of the same attack), else its title."""
+    key = str(entry.get("key"))
+    if isinstance(entry.get("threat"), dict):
+        return (key, "threat", threat_key(entry["threat"]))
+    spec = entry.get("attack")
+    if isinstance(spec, dict):
+        fields = tuple(sorted((k, _round(v)) for k, v in spec.items()
+                              if (v is None or isinstance(v, (str, int, float, bool))) and "seed" not in k))
+        return (key, "attack", fields)
+    return (key, "title", str(entry.get("title") or key))
+
+
+def _worst_case_over(m: dict[str, Any], attacks: list[AttackResult], robust_acc: float, path: Any) -> list[str]:
+    """The attack keys the run's worst case is over (``worst_case.over``, else every attack),
+    with warnings where the file contradicts itself (a worst case above one of its attacks, or a
+    ``worst_case.acc`` that is not ``robust_acc``)."""
+    keys = [a.key for a in attacks]
+    wc = m.get("worst_case")
+    over = keys
+    if isinstance(wc, dict):
+        if isinstance(wc.get("over"), list) and wc["over"]:
+            over = [str(k) for k in wc["over"]]
+            unknown = [k for k in over if k not in keys]
+            if unknown:
+                raise ValueError(f"worst_case.over names attacks that are not in 'attacks': {unknown}")
+        if isinstance(wc.get("acc"), (int, float)) and abs(float(wc["acc"]) - robust_acc) > 1e-6:
+            log.warning("report: %s: worst_case.acc %s differs from robust_acc %s; robust_acc is shown",
+                        path, wc["acc"], robust_acc)
+    worst = min(a.acc for a in attacks if a.key in over)
+    if robust_acc > worst + 1e-6:  # per image worst case can never beat the weakest-defended attack
+        log.warning("report: %s: robust_acc %s is above the accuracy under one of its attacks (%s); "
+                    "it is not a worst case", path, robust_acc, worst)
+    return over
+
+
+def multi_attack_key(threat: dict[str, Any], attacks: Sequence[AttackResult], *,
+                     quantize_adv: Any = None) -> tuple[tuple[tuple[str, Any], ...], str]:
+    """The threat key and label of a worst case over ``attacks``: the budget (norm, ε, precision,
+    quantisation) plus the sorted identities of the attacks. A single attack with a fixed threat
+    keeps that threat's own key, so it lines up with single-attack runs of the same attack."""
+    if len(attacks) == 1 and attacks[0].identity[1] == "threat":
+        key = threat_key(dict(attacks[0].identity[2]), quantize_adv=quantize_adv)
+        return key, threat_label(key)
+    budget = threat if threat.get("norm") is not None else {}
+    eps = budget.get("eps_255")
+    if eps is None and budget.get("eps") is not None:
+        eps = float(budget["eps"]) * 255
+    d: dict[str, Any] = {"attack": "worst_case", "norm": budget.get("norm"), "eps_255": _round(eps),
+                         "attacks": tuple(sorted(a.identity for a in attacks))}
+    if budget.get("precision") not in (None, "float32"):
+        d["precision"] = budget["precision"]
+    if quantize_adv:
+        d["quantize_adv"] = quantize_adv if isinstance(quantize_adv, (str, int, float)) else True
+    key = tuple(sorted(d.items()))
+    return key, threat_label(key, titles=[a.title for a in attacks])
+
+
+def select_attack(runs: Iterable[RunResult], attack: str) -> list[RunResult]:
+    """The runs with ``robust_acc`` replaced by the accuracy under one attack (``nonadaptive``,
+    ``adaptive_secret``, ``pgd``, …) instead of the worst case. Multi-attack runs that did not run
+    it are left out; old single-attack runs are kept as they are. The threat key becomes the
+    attack's own (a fixed attack's threat key, so it lines up with single-attack runs of it)."""
+    out = []
+    for r in runs:
+        if not r.attacks:
+            out.append(r)
+            continue
+        a = next((a for a in r.attacks if a.key == attack), None)
+        if a is None:
+            continue
+        key, label = multi_attack_key(r.threat, [a], quantize_adv=dict(r.threat_key).get("quantize_adv"))
+        out.append(dataclasses.replace(r, robust_acc=a.acc, threat_key=key, threat_label=label))
+    if not out:
+        raise ConfigError(f"no run has an attack {attack!r}")
+    return out
 
 
 def _str(m: dict[str, Any], k: str) -> str:
@@ -253,12 +388,19 @@ def threat_key(threat: dict[str, Any], *, adaptive: Any = False, quantize_adv: A
     return tuple(sorted(key.items()))
 
 
-def threat_label(key: Iterable[tuple[str, Any]]) -> str:
-    """Human text for a threat key: 'PGD-100 ℓ∞ ε=1/255 α=1/255', 'AutoAttack ℓ∞ ε=4/255 (adaptive)'."""
+def threat_label(key: Iterable[tuple[str, Any]], titles: Optional[Sequence[str]] = None) -> str:
+    """Human text for a threat key: 'PGD-100 ℓ∞ ε=1/255 α=1/255', 'AutoAttack ℓ∞ ε=4/255 (adaptive)',
+    'ℓ∞ ε=4/255, worst case over: <attack titles>' (``titles`` in the run's order; without them,
+    the attack keys)."""
     t = dict(key)
     attack = t.get("attack", "none")
     if attack == "none":
         text = "clean (no attack)"
+    elif attack == "worst_case":
+        names = list(titles) if titles else [ident[0] for ident in t.get("attacks", ())]
+        norm = _NORM_TEXT.get(str(t.get("norm")), str(t.get("norm")))
+        what = f"worst case over: {'; '.join(names)}" if len(names) > 1 else "; ".join(names)
+        text = f"{norm} ε={_g(t.get('eps_255'))}/255, {what}"
     else:
         norm = _NORM_TEXT.get(str(t.get("norm")), str(t.get("norm")))
         eps = f"ε={_g(t.get('eps_255'))}/255"
@@ -332,12 +474,12 @@ def row_labels(keys: Iterable[RowKey]) -> dict[RowKey, str]:
     return labels
 
 
-_ATTACK_ORDER = ("none", "fgsm", "pgd", "autoattack")
+_ATTACK_ORDER = ("none", "fgsm", "pgd", "autoattack", "worst_case")
 
 
 def threat_sort_key(key: Iterable[tuple[str, Any]]) -> tuple:
     """Order of threat models in reports: non-adaptive first, then clean, FGSM, PGD, AutoAttack,
-    then by norm, budget and steps; anything else by its text."""
+    worst cases over several attacks, then by norm, budget and steps; anything else by its text."""
     t = dict(key)
     attack = t.get("attack")
     rank = _ATTACK_ORDER.index(attack) if attack in _ATTACK_ORDER else len(_ATTACK_ORDER)
@@ -359,6 +501,8 @@ def threat_slug(key: Iterable[tuple[str, Any]]) -> str:
     t = dict(key)
     if t.get("attack") == "none":
         parts = ["clean"]
+    elif t.get("attack") == "worst_case":
+        parts = ["worst", str(t.get("norm")), f"eps{_g(t.get('eps_255'))}", "+".join(i[0] for i in t.get("attacks", ()))]
     else:
         parts = [f"{t['attack']}{t.get('steps', '')}", str(t.get("norm")), f"eps{_g(t.get('eps_255'))}"]
         if "alpha_255" in t:
