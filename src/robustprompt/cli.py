@@ -223,17 +223,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .paths import atomic_write_text
+    from .report.cards import robustness_cards
     from .report.collect import collect_runs
     from .report.tables import results_table
 
     runs = collect_runs(args.runs)
+    cards = robustness_cards(runs, fmt=args.format)  # per defence: each attack and the worst case
+    if args.attack:  # one attack's accuracy instead of the worst case over all attacks run
+        from .report.collect import select_attack
+
+        runs = select_attack(runs, args.attack)
     text = results_table(runs, fmt=args.format)
     print(text)
+    if cards.strip() and args.format != "csv":
+        print(cards)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         ext = {"md": "md", "csv": "csv", "latex": "tex"}[args.format]
         atomic_write_text(out / f"results.{ext}", text if text.endswith("\n") else text + "\n")
+        if cards.strip():
+            atomic_write_text(out / f"cards.{ext}", cards if cards.endswith("\n") else cards + "\n")
         if args.plot:
             from .report.plots import few_shot_curves, tradeoff_scatter
 
@@ -369,7 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories or folders holding them")
     p.add_argument("--format", choices=["md", "csv", "latex"], default="md")
     p.add_argument("--plot", action="store_true", help="also write the few-shot curves and the trade-off scatter")
-    p.add_argument("--out", help="folder for results.<ext> and the figures")
+    p.add_argument("--attack", help="tabulate one attack's accuracy (nonadaptive, adaptive_secret, adaptive_known, "
+                                    "pgd, autoattack, …) instead of the worst case over all attacks a run ran")
+    p.add_argument("--out", help="folder for results.<ext>, cards.<ext> (robustness cards of runs with several "
+                                 "attacks) and the figures")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("methods", help="list the training-time methods")

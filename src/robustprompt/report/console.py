@@ -26,7 +26,14 @@ def print_metrics(m: dict[str, Any]) -> None:
     print(f"{m['dataset']} ({m['split']}, {m['n']} images, {m['n_classes']} classes) — "
           f"{what} on {m['backbone']['name']} [{m['backbone']['weights']}]")
     print(f"  clean accuracy : {m['clean_acc']:.2f}%")
-    if threat.get("attack") != "none":
+    if threat.get("attack") != "none" and m.get("attacks"):
+        # several attacks: each one's accuracy, then the worst case per image (robust_acc)
+        quant = ", adversarial images rounded to 8 bits" if m.get("quantize_adv") else ""
+        for a in m["attacks"]:
+            print(f"  under {a.get('title', a['key'])}: {a['acc']:.2f}%")
+        print(f"  robust accuracy: {m['robust_acc']:.2f}%  worst case per image over {len(m['attacks'])} attacks, "
+              f"{threat.get('norm', '')} eps={threat.get('eps_255', 0):g}/255{quant}")
+    elif threat.get("attack") != "none":
         extra = ""
         if m.get("kind") == "tta":
             extra = " (adaptive: the whole defence is attacked)" if m.get("adaptive") else " (non-adaptive)"
