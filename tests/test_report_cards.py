@@ -211,6 +211,9 @@ def test_attack_settings_and_seeds_in_the_identity(tmp_path):
     runs = {r.path.name: r for r in collect_runs([tmp_path])}
     assert runs["eot16"].threat_key != runs["eot32"].threat_key  # a different attack: a different column
     assert runs["eot16"].threat_key == runs["eot16-other-seeds"].threat_key  # the attacker's seeds are not
+    # a known-randomness attack does not use EOT: its count does not split the known attack's identity
+    known = {r.path.name: dict(r.attacks[2].identity[2]) for r in runs.values()}
+    assert "eot" not in known["eot16"] and runs["eot16"].attacks[2].identity == runs["eot32"].attacks[2].identity
 
 
 def test_malformed_attacks_are_skipped_or_flagged(tmp_path, caplog):
@@ -288,7 +291,13 @@ def test_cards_csv_and_latex(root):
     assert tex.count(r"\textbf{worst case per image") == len(want) and "±" not in tex and "ℓ" not in tex
 
 
-def test_no_cards_without_attacks(root):
+def test_no_cards_without_several_attacks(root):
+    # the engine's record of a non-adaptive-only run: a single attack, the same table as the old runs
+    single = tta_metrics("rtpt", 2, adaptive=[], **simulated(random.Random(3), ("nonadaptive",), 0.8,
+                                                             {"nonadaptive": 0.7}))
+    write(root, "old/rtpt-single", single)
+    runs = {r.path.name: r for r in collect_runs([root / "old"])}
+    assert runs["rtpt-single"].threat_key == runs["rtpt-nonadaptive"].threat_key
     old = collect_runs([root / "old", root / "eval-coop-old"])
     assert robustness_cards(old, "md") == ""
     assert robustness_cards(old, "csv").splitlines() == [

@@ -16,8 +16,8 @@ each as the mean ± sample std (ddof=1) over seeds, the mean alone for a single 
 case is at most every attack's accuracy (an image survives the worst case only if it survives
 each attack), and the gap shows how much running several attacks adds.
 
-Only runs that record their attacks (``attacks`` in metrics.json) get cards: an old single-attack
-run has nothing to open up that its table row does not already show.
+Only runs that record several attacks (``attacks`` in metrics.json, two or more) get cards: a
+single-attack run has nothing to open up that its table row does not already show.
 """
 from __future__ import annotations
 
@@ -85,11 +85,11 @@ class Card:
 
 
 def build_cards(runs: Iterable[RunResult]) -> list[Card]:
-    """One Card per (defence, dataset column, set of attacks), for the runs that record their
+    """One Card per (defence, dataset column, set of attacks), for the runs that record two or more
     attacks; in table row order, then dataset order, then threat order. [] when no run has them."""
     groups: dict[tuple, list[RunResult]] = {}
     for r in runs:
-        if r.attacks:
+        if len(r.attacks) > 1:
             groups.setdefault((row_key(r), r.column, r.threat_key), []).append(r)
     if not groups:
         return []
@@ -127,8 +127,8 @@ def _add(line: CardLine, value: float, seed: Optional[int]) -> None:
 
 def robustness_cards(runs: Iterable[RunResult], fmt: str = "md") -> str:
     """The robustness cards as text: ``md`` (a heading and a small table per card), ``csv`` (long
-    format: one row per card line) or ``latex`` (a booktabs table per card). Empty text when no
-    run records its attacks."""
+    format: one row per card line) or ``latex`` (a booktabs table per card). Empty text (csv: the
+    header alone) when no run records several attacks."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown card format {fmt!r}; choose one of {', '.join(FORMATS)}")
     cards = build_cards(runs)

@@ -249,14 +249,18 @@ def attack_results(m: dict[str, Any]) -> list[AttackResult]:
 def attack_identity(entry: dict[str, Any]) -> tuple:
     """What an attack entry ran, canonically: its key plus the threat key of a fixed attack
     (``threat``) or the scalar settings of an adaptive one (``attack``; seeds left out, since the
-    attacker's seeds differ between runs of the same attack), else its title."""
+    attacker's seeds differ between runs of the same attack, and the EOT count of a known-randomness
+    attack, which does not use it), else its title."""
     key = str(entry.get("key"))
     if isinstance(entry.get("threat"), dict):
         return (key, "threat", threat_key(entry["threat"]))
     spec = entry.get("attack")
     if isinstance(spec, dict):
+        # a known-randomness attack uses the evaluation's one view set, so its EOT count is unused
+        unused = {"eot"} if entry.get("randomness") == "known" else set()
         fields = tuple(sorted((k, _round(v)) for k, v in spec.items()
-                              if (v is None or isinstance(v, (str, int, float, bool))) and "seed" not in k))
+                              if (v is None or isinstance(v, (str, int, float, bool))) and "seed" not in k
+                              and k not in unused))
         return (key, "attack", fields)
     return (key, "title", str(entry.get("title") or key))
 
