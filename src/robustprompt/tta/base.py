@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import ConfigError
 from ..models import PromptedClassifier
@@ -112,9 +113,19 @@ class TTAProcedure:
         feats, _ = clf.model.encode_text(tokens, text_prompts=per_seq)
         return F.normalize(feats, dim=-1).view(P, K, -1)
 
-    def tune(self, clf: PromptedClassifier, feats: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    def tune(self, clf: PromptedClassifier, feats: torch.Tensor, selected: torch.Tensor, *,
+             through_update: bool = False) -> torch.Tensor:
         """Tune fresh per-image copies of the initial prompt on the selected views' features;
-        returns the final text features P×K×D (no graph)."""
+        returns the final text features P×K×D.
+
+        feats P×V×D, selected P×k (indices of the views the loss sees). By default the features are
+        taken as constants and torch.optim.AdamW updates the prompt (no graph is returned).
+        through_update=True runs the same AdamW steps functionally with create_graph, on the
+        features as given, so the returned text features carry the graph
+        features → tuning gradient → updated prompt (see `_tune_through_update`).
+        """
+        if through_update:
+            return self._tune_through_update(clf, feats, selected)
         P = feats.shape[0]
         init = self.initial_prompts(clf)
         prompts = [torch.nn.Parameter(t.unsqueeze(0).repeat(P, 1, 1).clone()) for t in init]
@@ -132,13 +143,58 @@ class TTAProcedure:
         with torch.no_grad():
             return self.text_features(clf, prompts)
 
+    def _tune_through_update(self, clf: PromptedClassifier, feats: torch.Tensor,
+                             selected: torch.Tensor) -> torch.Tensor:
+        """The prompt update as a differentiable function of the view features.
+
+        AdamW (torch's defaults β = (0.9, 0.999), eps = 1e-8; lr and weight decay from params),
+        written out with the same operations in the same order as torch.optim.AdamW, so the
+        forward values agree with `tune` to rounding:
+            θ ← θ·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
+            θ ← θ − (lr / (1−β1^t)) · m / (√v / √(1−β2^t) + eps).
+        g = ∂(tuning loss)/∂θ comes from torch.autograd.grad(..., create_graph=True), so the
+        result's graph reaches `feats` through every step. Returns text features P×K×D.
+        """
+        p = self.params
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        P = feats.shape[0]
+        scale = clf.model.logit_scale.detach()
+        sel_feats = torch.gather(feats, 1, selected[..., None].expand(-1, -1, feats.shape[-1]))
+        # the attacker's backward differentiates the text tower's backward: the fused attention
+        # kernels (flash, memory-efficient) have no double backward, the math one is plain ops
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            prompts = [t.unsqueeze(0).repeat(P, 1, 1).clone().requires_grad_(True)
+                       for t in self.initial_prompts(clf)]
+            m = [torch.zeros_like(t) for t in prompts]
+            v = [torch.zeros_like(t) for t in prompts]
+            for step in range(1, p.steps + 1):
+                txt = self.text_features(clf, prompts)
+                loss = self.tta_loss(scale * sel_feats @ txt.transpose(1, 2), txt).sum()
+                grads = torch.autograd.grad(loss, prompts, create_graph=True)
+                bc1, bc2_sqrt = 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)
+                new = []
+                for i, (theta, g) in enumerate(zip(prompts, grads)):
+                    theta = theta * (1 - p.lr * p.weight_decay)
+                    m[i] = torch.lerp(m[i], g, 1 - beta1)
+                    v[i] = v[i] * beta2 + (1 - beta2) * g * g
+                    # √v floored at the smallest normal: where g ≡ 0 the plain sqrt's derivative
+                    # (∞·0) would be NaN; the forward value changes only for v below that floor
+                    root = v[i].clamp_min(torch.finfo(v[i].dtype).tiny).sqrt()
+                    new.append(theta - (p.lr / bc1) * m[i] / (root / bc2_sqrt + eps))
+                prompts = new
+            return self.text_features(clf, prompts)
+
     def run(self, clf: PromptedClassifier, images: torch.Tensor, seeds: Sequence[int], *,
-            differentiable: bool = False) -> torch.Tensor:
+            differentiable: bool = False, through_update: bool = False) -> torch.Tensor:
         """Defended class probabilities P×K for images P×3×S×S in [0,1].
 
         differentiable=True keeps the graph from `images` through the views, their features and
-        the ensemble (for adaptive attacks); the prompt update is computed on detached features.
+        the ensemble (for adaptive attacks). The prompt update is then computed on detached
+        features (the tuned prompt enters as a constant) unless through_update=True, which
+        differentiates through the update too (create_graph; `_tune_through_update`). The
+        confident-view selection is an index set (top-k), always a constant.
         """
+        through = differentiable and through_update
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         viewset = self.make_views(clf, images if differentiable else images.detach(), gens)
         P, V = viewset.views.shape[:2]
@@ -150,7 +206,7 @@ class TTAProcedure:
             ent = entropy(scale * feats.detach() @ txt0.t())                  # P×V
             selected = ent.topk(min(self.params.n_selected, V), dim=1, largest=False).indices
         if self.tunes_prompt and self.params.steps > 0:
-            txt = self.tune(clf, feats.detach(), selected)
+            txt = self.tune(clf, feats if through else feats.detach(), selected, through_update=through)
         else:
             txt = txt0.unsqueeze(0).expand(P, -1, -1)
         with torch.set_grad_enabled(differentiable):
