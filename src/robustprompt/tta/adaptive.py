@@ -15,7 +15,14 @@ Threat models (names shared with the engine, records and reports):
 
 The attack (`adaptive_attack`, spec `AdaptiveAttack`): APGD (Croce & Hein, ICML 2020) with its
 step-size schedule and momentum, CE or DLR loss, random restarts, and per image the best iterate
-over all steps and restarts. ``schedule="pgd"`` is plain PGD with a fixed step ε/4.
+over all steps and restarts. ``schedule="pgd"`` is plain PGD with a fixed step ε/4 (sign steps for
+ℓ∞, normalised gradient steps for ℓ2), no momentum. APGD follows the released autoattack code:
+initial step 2ε, momentum 0.75, checkpoints w_j (`apgd_checkpoints`); at a checkpoint an image's
+step is halved and it returns to its best point (and that point's gradient) of the current restart
+when its loss went up in at most ρ = 0.75 of the steps since the last checkpoint, or when neither
+its step nor its best loss changed since then (not tested at the first checkpoint). The first
+window counts against the starting point's loss (the paper's f(x⁽⁰⁾)). Under secret randomness
+the losses the schedule compares come from different draws (as in AutoAttack's ``rand`` version).
 
 What is differentiated, and what is held constant (straight-through / constant):
 

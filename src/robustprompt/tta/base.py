@@ -7,6 +7,10 @@ tuning step runs only the text tower. Several images are processed at once as in
 problems: each has its own prompt copy (one P×n_ctx×d tensor; Adam is element-wise, so the
 per-image updates do not interact) created fresh for every batch — nothing carries over from
 one image to the next.
+
+For adaptive attacks, ``run(..., differentiable=True)`` keeps the graph from the images to the
+prediction; ``through_update=True`` also differentiates through the prompt update (AdamW run
+functionally with create_graph, `_tune_through_update`). The default path is unchanged.
 """
 from __future__ import annotations
 
