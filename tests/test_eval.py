@@ -134,3 +134,23 @@ def test_two_processes_shard_exactly(tmp_path):
     two, one = _records(tmp_path / "two"), _records(tmp_path / "one")
     assert [r["index"] for r in two] == [r["index"] for r in one]  # every image once, no padding
     assert [(r["clean_pred"], r["adv_pred"]) for r in two] == [(r["clean_pred"], r["adv_pred"]) for r in one]
+
+
+def test_worst_case_over_several_attacks(tmp_path):
+    """eval with PGD and FGSM: an image is robust only if both fail; each attack's accuracy equals
+    a separate evaluation with that attack alone (same seeds)."""
+    data = DataSpec(dataset="fashion_mnist", subset=16, batch_size=8)
+    pgd_only = evaluate(EvalConfig(model=ModelSpec(name="demo"), data=data, attack=AttackSpec(eps=4, steps=3),
+                                   device="cpu"), tmp_path / "pgd", progress=False)
+    fgsm_only = evaluate(EvalConfig(model=ModelSpec(name="demo"), data=data, attack=AttackSpec(attack="fgsm", eps=4),
+                                    device="cpu"), tmp_path / "fgsm", progress=False)
+    both = evaluate(EvalConfig(model=ModelSpec(name="demo"), data=data, attack=AttackSpec(eps=4, steps=3),
+                               also=[AttackSpec(attack="fgsm", eps=4)], device="cpu"), tmp_path / "both", progress=False)
+    acc = {a["key"]: a["acc"] for a in both["attacks"]}
+    assert acc == {"pgd": pgd_only["robust_acc"], "fgsm": fgsm_only["robust_acc"]}
+    read = lambda d: [json.loads(line) for line in (tmp_path / d / "records.jsonl").read_text().splitlines()]  # noqa: E731
+    for r, rp, rf in zip(read("both"), read("pgd"), read("fgsm")):
+        assert r["adv_preds"] == {"pgd": rp["adv_pred"], "fgsm": rf["adv_pred"]}
+        assert (r["adv_pred"] == r["label"]) == (rp["adv_pred"] == r["label"] and rf["adv_pred"] == r["label"])
+    assert both["robust_acc"] == both["worst_case"]["acc"] <= min(acc.values())
+    assert both["worst_case"]["over"] == ["pgd", "fgsm"]

@@ -7,7 +7,7 @@ import torch
 from robustprompt.cli import main
 from robustprompt.config import AttackSpec, DataSpec, ModelSpec
 from robustprompt.engine.evaluate import EvalConfig, evaluate
-from robustprompt.engine.tta import TPT_PROMPT, TTAConfig, TTAMethodSpec, run_tta
+from robustprompt.engine.tta import TPT_PROMPT, AdaptiveSpec, TTAConfig, TTAMethodSpec, run_tta
 from robustprompt.errors import ConfigError
 from robustprompt.models import PromptConfig, PromptedClassifier
 from robustprompt.tta.procedures import build_procedure, list_procedures
@@ -154,7 +154,10 @@ def test_tta_run_directory_and_non_adaptive_attack(tmp_path):
     m = run_tta(_cfg(), tmp_path / "tta", progress=False)
     recs = [json.loads(line) for line in (tmp_path / "tta" / "records.jsonl").read_text().splitlines()]
     assert len(recs) == 12 and {"base_clean_pred", "base_adv_pred", "clean_pred", "adv_pred"} <= set(recs[0])
-    assert m["threat"]["adaptive"] is False and "before any adaptation" in m["threat"]["target"]
+    assert m["threat"]["adaptive"] == [] and "before any adaptation" in m["threat"]["target"]
+    assert [a["key"] for a in m["attacks"]] == ["nonadaptive"] and m["worst_case"]["acc"] == m["robust_acc"]
+    assert all(set(r["adv_preds"]) == {"nonadaptive"} and r["adv_preds"]["nonadaptive"] == r["adv_pred"]
+               for r in recs)
     assert m["tta_method"] == "atpt" and m["quantize_adv"] is False
     # the non-adaptive attack is plain PGD on CLIP with the initial prompt: the same examples an
     # evaluation of zero-shot CLIP finds with the same seeds
@@ -169,10 +172,56 @@ def test_tta_run_directory_and_non_adaptive_attack(tmp_path):
 @pytest.mark.slow
 def test_adaptive_attack_is_at_least_as_strong(tmp_path):
     plain = run_tta(_cfg(), tmp_path / "plain", progress=False)
-    adaptive = run_tta(_cfg(adaptive=True), tmp_path / "adaptive", progress=False)
+    small = AdaptiveSpec(steps=5, eot=2)
+    adaptive = run_tta(_cfg(adaptive=True, adaptive_attack=small), tmp_path / "adaptive", progress=False)
     assert adaptive["robust_acc"] <= plain["robust_acc"]
-    assert adaptive["threat"]["adaptive"] is True and "EOT" in adaptive["threat"]["target"]
+    assert adaptive["threat"]["adaptive"] == ["secret", "known"] and "whole defence" in adaptive["threat"]["target"]
     assert adaptive["clean_acc"] == plain["clean_acc"]  # same views on the clean image
+    accs = {a["key"]: a["acc"] for a in adaptive["attacks"]}
+    assert set(accs) == {"nonadaptive", "adaptive_secret", "adaptive_known"}
+    assert accs["nonadaptive"] == plain["robust_acc"]
+    assert adaptive["robust_acc"] <= min(accs.values())
+
+
+def test_worst_case_per_image_over_the_attacks(tmp_path, monkeypatch):
+    """The engine's bookkeeping, with a stand-in attack whose outcome is known: per image the
+    defence counts as robust only if it is right under every attack; each attack is reported."""
+    from robustprompt.tta import adaptive as adaptive_module
+
+    calls = []
+
+    def fake_attack(procedure, clf, x, y, *, eps, norm, spec, attack_seeds, view_seeds=None, start=None):
+        calls.append(view_seeds)
+        # "known" returns a heavily perturbed image, "secret" returns the non-adaptive start
+        return start if view_seeds is None else (x + eps * torch.sign(torch.randn_like(x))).clamp(0, 1)
+
+    monkeypatch.setattr(adaptive_module, "adaptive_attack", fake_attack, raising=False)
+    monkeypatch.setattr(AdaptiveSpec, "build", lambda self: self)
+    m = run_tta(_cfg(adaptive=["secret", "known"], attack=AttackSpec(eps=16, alpha=4, steps=3)), tmp_path / "run",
+                progress=False)
+    recs = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    # the secret attack never sees the evaluation's view seeds; the known one gets exactly them
+    assert any(c is None for c in calls) and any(c is not None for c in calls)
+    for r in recs:
+        p = r["adv_preds"]
+        assert p["adaptive_secret"] == p["nonadaptive"]       # the fake returned the start itself
+        wrong = [k for k in ("nonadaptive", "adaptive_secret", "adaptive_known") if p[k] != r["label"]]
+        assert r["adv_pred"] == (p[wrong[0]] if wrong else p["adaptive_known"])
+    acc = {a["key"]: a["acc"] for a in m["attacks"]}
+    for key in acc:
+        assert acc[key] == pytest.approx(100 * sum(r["adv_preds"][key] == r["label"] for r in recs) / len(recs))
+    worst = 100 * sum(all(v == r["label"] for v in r["adv_preds"].values()) for r in recs) / len(recs)
+    assert m["robust_acc"] == pytest.approx(worst) == m["worst_case"]["acc"]
+    assert m["worst_case"]["over"] == ["nonadaptive", "adaptive_secret", "adaptive_known"]
+    assert m["defence_seed"] == 1
+
+
+def test_adaptive_config_is_validated():
+    with pytest.raises(ConfigError, match="adaptive"):
+        _cfg(adaptive=["secret", "leaked"])
+    with pytest.raises(ConfigError, match="adaptive_attack"):
+        AdaptiveSpec(loss="kl")
+    assert _cfg(adaptive=True).randomness_modes == ["secret", "known"] and _cfg().randomness_modes == []
 
 
 def test_cli_tta_and_quantize_flag(tmp_path, capsys):

@@ -103,7 +103,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.evaluate import EvalConfig, evaluate
     from .report.console import print_metrics
 
-    cfg = build_config(EvalConfig, args, MODEL_FLAGS, DATA_FLAGS, ATTACK_FLAGS, RUN_FLAGS)
+    from .config import deep_merge, from_dict, load_yaml
+
+    raw = deep_merge(load_yaml(args.config) if args.config else {},
+                     collect_overrides(args, MODEL_FLAGS, DATA_FLAGS, ATTACK_FLAGS, RUN_FLAGS))
+    if args.also:  # further attacks at the same budget; robust accuracy becomes the worst case
+        budget = {k: v for k, v in (raw.get("attack") or {}).items() if k in ("norm", "eps")}
+        raw["also"] = [*raw.get("also", []), *({"attack": a, **budget} for a in args.also)]
+    cfg = from_dict(EvalConfig, raw, args.config or "config")
     metrics = evaluate(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     if metrics is not None:
         print_metrics(metrics)
@@ -186,7 +193,12 @@ def cmd_tta(args: argparse.Namespace) -> int:
     base = load_yaml(args.config) if args.config else {}
     raw = deep_merge(base, collect_overrides(args, MODEL_FLAGS, DATA_FLAGS, ATTACK_FLAGS, RUN_FLAGS,
                                              {"method": "method.name", "adaptive": "adaptive",
-                                              "quantize_adv": "quantize_adv"}))
+                                              "quantize_adv": "quantize_adv", "defence_seed": "defence_seed",
+                                              "adaptive_steps": "adaptive_attack.steps",
+                                              "eot": "adaptive_attack.eot", "adaptive_loss": "adaptive_attack.loss",
+                                              "adaptive_restarts": "adaptive_attack.restarts"}))
+    if raw.get("adaptive") == []:  # a bare --adaptive: both threat models
+        raw["adaptive"] = True
     for item in args.param or []:
         key, value = _parse_set(item)
         raw.setdefault("method", {}).setdefault("params", {})[key] = value
@@ -302,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_data_args(p)
     add_attack_args(p)
+    p.add_argument("--also", nargs="+", choices=["pgd", "fgsm", "autoattack"],
+                   help="further attacks at the same norm and ε; robust accuracy is then the worst case per "
+                        "image, and each attack's own accuracy is reported (e.g. --attack pgd --also autoattack)")
     add_run_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -346,8 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", help="tpt, ctpt, mta, rtpt or atpt (default atpt)")
     g.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="a procedure setting, e.g. n_views=64, fusion=rtpt; repeatable")
-    g.add_argument("--adaptive", action="store_const", const=True, default=None,
-                   help="attack the whole defence (EOT-PGD through views and ensemble)")
+    g.add_argument("--adaptive", nargs="*", choices=["secret", "known"], default=None,
+                   help="also attack the whole defence (views, prompt update, ensemble): with the defender's "
+                        "randomness secret (EOT over fresh draws), known (the evaluation's own views), or, "
+                        "bare, both; the result is the worst case per image over all attacks")
+    g.add_argument("--adaptive-steps", type=int, help="iterations of the adaptive attack (default 100)")
+    g.add_argument("--eot", type=int, help="view draws per step when the randomness is secret (default 16)")
+    g.add_argument("--adaptive-loss", choices=["ce", "dlr"], help="adaptive attack loss (default ce)")
+    g.add_argument("--adaptive-restarts", type=int, help="random restarts of the adaptive attack (default 1)")
+    g.add_argument("--defence-seed", type=int, help="the defender's view randomness (default: --seed + 1)")
     g.add_argument("--quantize-adv", action="store_const", const=True, default=None,
                    help="round adversarial images to 8 bits before the defence (off by default)")
     add_run_args(p)

@@ -1,4 +1,9 @@
-"""`robustprompt eval`: clean and robust accuracy of a (prompted) classifier on a dataset split."""
+"""`robustprompt eval`: clean and robust accuracy of a (prompted) classifier on a dataset split.
+
+With several attacks (`attack` plus `also`, e.g. PGD-100 and AutoAttack standard), an image counts
+as robust only if every attack fails on it: `robust_acc` is that worst case, `attacks` lists each
+attack's own accuracy, and each record keeps every attack's prediction (`adv_preds`).
+"""
 from __future__ import annotations
 
 import platform
@@ -11,6 +16,7 @@ import torch
 
 from .. import __version__
 from ..api import classifier_from_spec, resolved_prompt
+from ..attacks.threat import ThreatModel
 from ..config import AttackSpec, DataSpec, ModelSpec, to_dict
 from .runtime import process_state
 from .rundir import RunDir, config_hash
@@ -23,8 +29,19 @@ class EvalConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     attack: AttackSpec = field(default_factory=AttackSpec)
+    also: list[AttackSpec] = field(default_factory=list)   # further attacks: robust_acc is the worst case
     seed: int = 0
     device: str = "auto"
+
+    def threats(self) -> dict[str, "ThreatModel"]:
+        """Every attack by a short unique key ('pgd', 'autoattack', 'pgd-2', …), in order."""
+        out: dict[str, ThreatModel] = {}
+        for spec in [self.attack, *self.also]:
+            key, n = spec.attack, 2
+            while key in out:
+                key, n = f"{spec.attack}-{n}", n + 1
+            out[key] = spec.threat()
+        return out
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -58,23 +75,43 @@ def evaluate(cfg: EvalConfig, out: Optional[str | Path] = None, *, overwrite: bo
     clf = classifier_from_spec(cfg.model, task.dataset, device)
     clf.eval()
     threat = cfg.attack.threat()
+    threats = cfg.threats()
     transform = task.transform(clf.image_size)
     t_start = time.time()
 
     def process(x: torch.Tensor, y: torch.Tensor, idx: list[int]) -> list[dict]:
         with torch.no_grad():
             clean = clf(x).argmax(1)
-        x_adv = threat.run(clf, x, y, seeds=[image_seed(cfg.seed, i) for i in idx], seed=cfg.seed)
-        with torch.no_grad():
-            adv = clf(x_adv).argmax(1)
-        return [{"clean_pred": int(c), "adv_pred": int(a)} for c, a in zip(clean.tolist(), adv.tolist())]
+        seeds = [image_seed(cfg.seed, i) for i in idx]
+        preds = {}
+        for key, t in threats.items():
+            x_adv = t.run(clf, x, y, seeds=seeds, seed=cfg.seed)
+            with torch.no_grad():
+                preds[key] = clf(x_adv).argmax(1)
+        # worst case per image: the first attack (in order) that fools the model, else the first's
+        worst = preds[next(iter(threats))].clone()
+        for key in reversed(list(threats)):
+            fooled = preds[key] != y
+            worst[fooled] = preds[key][fooled]
+        recs = [{"clean_pred": int(clean[b]), "adv_pred": int(worst[b])} for b in range(len(y))]
+        if len(threats) > 1:
+            for b, r in enumerate(recs):
+                r["adv_preds"] = {k: int(p[b]) for k, p in preds.items()}
+        return recs
 
     records = run_per_image(run, state, task.split, task.indices, transform, process,
                             batch_size=cfg.data.batch_size, workers=cfg.data.workers,
-                            desc=f"eval {cfg.data.dataset} {threat.short()}", progress=progress)
+                            desc=f"eval {cfg.data.dataset} {threat.short()}"
+                                 + (f" + {len(threats) - 1} more" if len(threats) > 1 else ""), progress=progress)
     if records is None:
         return None
     metrics = summarize(records, task, clf, threat, cfg, method_of(cfg.model), time.time() - t_start)
+    if len(threats) > 1:
+        recs, n_cls = list(records.values()), len(task.dataset.classnames)
+        metrics["attacks"] = [{"key": k, "title": t.short(), "randomness": None,
+                               "acc": 100.0 * sum(r["adv_preds"][k] == r["label"] for r in recs) / len(recs),
+                               "threat": t.describe(n_cls)} for k, t in threats.items()]
+        metrics["worst_case"] = {"acc": metrics["robust_acc"], "over": list(threats)}
     run.finalize(records, metrics)
     return metrics
 

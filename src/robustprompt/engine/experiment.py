@@ -46,6 +46,7 @@ class EvalTarget:
 @dataclass
 class ExperimentEval:
     attack: AttackSpec = field(default_factory=_paper_eval_attack)
+    also: list[AttackSpec] = field(default_factory=list)   # e.g. AutoAttack: robust = worst case per image
     targets: list[EvalTarget] = field(default_factory=lambda: [EvalTarget()])
     templates: str = "dataset"
 
@@ -129,7 +130,7 @@ def _eval_config(point: Point, seed: int, target: EvalTarget, train_dir: Path, c
                     subset_seed=target.subset_seed, batch_size=target.batch_size, workers=target.workers,
                     download=tc.data.download)
     return EvalConfig(model=ModelSpec(run=str(train_dir), templates=cfg.eval.templates), data=data,
-                      attack=point.attack, seed=seed, device=cfg.device)
+                      attack=point.attack, also=list(cfg.eval.also), seed=seed, device=cfg.device)
 
 
 def run_experiment(cfg: ExperimentConfig, out: Optional[str | Path] = None, *, progress: bool = True,
@@ -150,6 +151,7 @@ def run_experiment(cfg: ExperimentConfig, out: Optional[str | Path] = None, *, p
                     rows.append({"point": point.key, **{setting_name(k): v for k, v in point.settings.items()},
                                  "method": m["method"], "target": label, "seed": seed,
                                  "clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"],
+                                 "attack_accs": {a["key"]: a["acc"] for a in m.get("attacks", [])},
                                  "threat": m["threat"], "run": str(seed_dir / f"eval-{_slug(label)}")})
     summary = summarize(rows, cfg)
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -170,14 +172,17 @@ def summarize(rows: list[dict], cfg: ExperimentConfig) -> dict[str, Any]:
     for (point, target), rs in groups.items():
         c, cs = mean_std([r["clean_acc"] for r in rs])
         a, as_ = mean_std([r["robust_acc"] for r in rs])
+        per_attack = {k: mean_std([r["attack_accs"][k] for r in rs]) for k in rs[0].get("attack_accs", {})}
         agg.append({"point": point, "method": rs[0]["method"], "target": target, "seeds": [r["seed"] for r in rs],
                     "clean_mean": c, "clean_std": cs, "robust_mean": a, "robust_std": as_,
+                    "attacks": {k: {"mean": mu, "std": sd} for k, (mu, sd) in per_attack.items()},
                     "n": rs[0]["n"], "threat": rs[0]["threat"], "runs": [r["run"] for r in rs]})
     table_rows = [[g["point"], g["target"], f"{g['clean_mean']:.2f} ± {g['clean_std']:.2f}",
                    f"{g['robust_mean']:.2f} ± {g['robust_std']:.2f}"] for g in agg]
     threat = agg[0]["threat"] if agg else {}
-    caption = (f"Mean ± sample std over seeds {cfg.seeds}. Robust accuracy under "
-               f"{cfg.eval.attack.threat().short()} (float32).")
+    attacks = " and ".join(a.threat().short() for a in [cfg.eval.attack, *cfg.eval.also])
+    worst = ", worst case per image" if cfg.eval.also else ""
+    caption = f"Mean ± sample std over seeds {cfg.seeds}. Robust accuracy under {attacks}{worst} (float32)."
     md = format_table(["setting", "evaluated on", "clean", "robust"], table_rows) + f"\n\n{caption}\n"
     return {"name": cfg.name, "rows": rows, "aggregate": agg, "threat": threat, "markdown": md}
 

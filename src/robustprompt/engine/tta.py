@@ -2,7 +2,19 @@
 records, progress bar, sharding and resume of `eval`.
 
 Records carry, per image: the undefended model's clean and adversarial predictions
-(base_clean_pred, base_adv_pred) and the defence's (clean_pred, adv_pred).
+(base_clean_pred, base_adv_pred) and the defence's (clean_pred, adv_pred), where the adversarial
+example is the worst case over every attack run, and the defence's prediction under each attack
+(adv_preds).
+
+Threat models (a randomised defence's number must say what the attacker knows):
+- nonadaptive: PGD/AutoAttack against CLIP with the initial prompt, before any adaptation (the
+  papers' protocol);
+- adaptive_secret: an adaptive attack through the whole defence while the defender's randomness
+  stays secret — the defence evaluates every image with views drawn from `defence_seed`, which the
+  attacker never uses; the attacker averages over fresh draws of its own (EOT);
+- adaptive_known: the same attack on the exact views the evaluation uses (a deterministic
+  deployment, or a leaked seed): an upper bound on attack strength.
+`robust_acc` is the worst case per image over all the attacks run; `attacks` lists each one.
 
 Views follow each procedure's released code unless the config sets `augmix` (see resolve_augmix):
 TPT and R-TPT build AugMix views except on ImageNet and its variants, where they use random resized
@@ -14,7 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -23,7 +35,7 @@ from ..config import AttackSpec, DataSpec, ModelSpec, to_dict
 from ..data.registry import canonical_name
 from ..errors import DatasetError
 from ..models import PromptConfig
-from ..tta.adaptive import eot_pgd
+from ..errors import ConfigError
 from ..tta.procedures import build_procedure, procedure_class
 from .evaluate import environment, image_seed
 from .runtime import process_state
@@ -89,16 +101,77 @@ def _tta_attack() -> AttackSpec:
     return AttackSpec(attack="pgd", eps=4.0, alpha=1.0, steps=100)
 
 
+RANDOMNESS = ("secret", "known")
+
+
+@dataclass
+class AdaptiveSpec:
+    """The adaptive attack on a defence (tta.adaptive.AdaptiveAttack): APGD-style steps with EOT
+    over fresh view draws (secret randomness) and gradients through the prompt update."""
+
+    steps: int = 100
+    eot: int = 16               # view sets per step when the randomness is secret
+    loss: str = "ce"            # ce | dlr
+    restarts: int = 1
+    schedule: str = "apgd"      # apgd | pgd
+    through_update: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.eot < 1 or self.restarts < 1:
+            raise ConfigError(f"adaptive_attack needs steps, eot and restarts >= 1 "
+                              f"(got {self.steps}, {self.eot}, {self.restarts})")
+        if self.loss not in ("ce", "dlr"):
+            raise ConfigError(f"adaptive_attack.loss must be ce or dlr, got {self.loss!r}")
+        if self.schedule not in ("apgd", "pgd"):
+            raise ConfigError(f"adaptive_attack.schedule must be apgd or pgd, got {self.schedule!r}")
+
+    def build(self):
+        from ..tta.adaptive import AdaptiveAttack
+
+        return AdaptiveAttack(steps=self.steps, eot=self.eot, loss=self.loss, restarts=self.restarts,
+                              schedule=self.schedule, through_update=self.through_update)
+
+    def title(self, randomness: str) -> str:
+        name = f"{'APGD' if self.schedule == 'apgd' else 'PGD'}-{self.steps}"
+        if self.loss != "ce":
+            name += f"-{self.loss.upper()}"
+        if self.restarts > 1:
+            name += f" ×{self.restarts}"
+        eot = f"EOT-{self.eot} " if randomness == "secret" else ""
+        return f"adaptive, randomness {randomness} ({eot}{name})"
+
+
 @dataclass
 class TTAConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=_tta_data)       # batch_size = images defended concurrently
     method: TTAMethodSpec = field(default_factory=TTAMethodSpec)
     attack: AttackSpec = field(default_factory=_tta_attack)
-    adaptive: bool = False
+    # adaptive attacks to run besides the non-adaptive one: a list of "secret" / "known";
+    # true = both, false = none
+    adaptive: Union[bool, list[str]] = False
+    adaptive_attack: AdaptiveSpec = field(default_factory=AdaptiveSpec)
+    defence_seed: Optional[int] = None   # the defender's view randomness; None: seed + 1
     quantize_adv: bool = False
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        modes = self.randomness_modes
+        bad = [m for m in modes if m not in RANDOMNESS]
+        if bad or len(set(modes)) != len(modes):
+            raise ConfigError(f"adaptive must be true, false or a list of {' / '.join(RANDOMNESS)} "
+                              f"without repeats, got {self.adaptive!r}")
+
+    @property
+    def randomness_modes(self) -> list[str]:
+        if isinstance(self.adaptive, bool):
+            return list(RANDOMNESS) if self.adaptive else []
+        return list(self.adaptive)
+
+    @property
+    def view_seed(self) -> int:
+        return self.seed + 1 if self.defence_seed is None else self.defence_seed
 
 
 def _model_spec(spec: ModelSpec) -> ModelSpec:
@@ -109,14 +182,38 @@ def _model_spec(spec: ModelSpec) -> ModelSpec:
                      prompt=TPT_PROMPT, templates=spec.templates)
 
 
+NONADAPTIVE_TITLE = "non-adaptive (CLIP, initial prompt)"
+
+
 def threat_record(cfg: TTAConfig, n_classes: int) -> dict[str, Any]:
     t = cfg.attack.threat().describe(n_classes)
-    t["adaptive"] = cfg.adaptive
-    t["target"] = ("the whole defence: EOT-PGD through views and ensemble, started from the non-adaptive "
-                   "example, worst case per image" if cfg.adaptive else
+    modes = cfg.randomness_modes
+    t["adaptive"] = modes
+    t["target"] = ("worst case per image over the non-adaptive attack (CLIP with the initial prompt) and "
+                   "adaptive attacks through the whole defence (views, prompt update, ensemble) with the "
+                   f"defender's randomness {' and '.join(modes)}" if modes else
                    "CLIP with the initial prompt, before any adaptation (non-adaptive)")
     t["quantize_adv"] = cfg.quantize_adv
     return t
+
+
+def attack_keys(cfg: TTAConfig) -> list[str]:
+    return ["nonadaptive"] + [f"adaptive_{m}" for m in cfg.randomness_modes]
+
+
+def attacks_record(cfg: TTAConfig, recs: list[dict], n_classes: int) -> list[dict[str, Any]]:
+    """One entry per attack run: its key, title, what the attacker knows, accuracy, settings."""
+    out = []
+    for key in attack_keys(cfg):
+        acc = 100.0 * sum(r["adv_preds"][key] == r["label"] for r in recs) / len(recs)
+        if key == "nonadaptive":
+            out.append({"key": key, "title": NONADAPTIVE_TITLE, "randomness": None, "acc": acc,
+                        "threat": cfg.attack.threat().describe(n_classes)})
+        else:
+            mode = key[len("adaptive_"):]
+            out.append({"key": key, "title": cfg.adaptive_attack.title(mode), "randomness": mode, "acc": acc,
+                        "attack": to_dict(cfg.adaptive_attack)})
+    return out
 
 
 def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
@@ -145,34 +242,47 @@ def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool
     threat = cfg.attack.threat()
     t_start = time.time()
 
+    adaptive = cfg.adaptive_attack.build() if cfg.randomness_modes else None
+
+    def quantised(x_adv: torch.Tensor) -> torch.Tensor:
+        return torch.round(x_adv * 255) / 255 if cfg.quantize_adv else x_adv
+
     def process(x: torch.Tensor, y: torch.Tensor, idx: list[int]) -> list[dict]:
         attack_seeds = [image_seed(cfg.seed, i) for i in idx]
-        view_seeds = [image_seed(cfg.seed + 1, i) for i in idx]
+        # the defender's randomness: recorded, and used by the attacker only when it is "known"
+        view_seeds = [image_seed(cfg.view_seed, i) for i in idx]
         with torch.no_grad():
             base_clean = clf(x).argmax(1)
-        x_adv = threat.run(clf, x, y, seeds=attack_seeds, seed=cfg.seed)   # before any adaptation
-        if cfg.quantize_adv:
-            x_adv = torch.round(x_adv * 255) / 255
+            defended_clean = procedure.run(clf, x, view_seeds).argmax(1)
+        x_non = quantised(threat.run(clf, x, y, seeds=attack_seeds, seed=cfg.seed))   # before any adaptation
+        examples, preds = {}, {}
         with torch.no_grad():
-            defended_adv = procedure.run(clf, x_adv, view_seeds).argmax(1)
-        if cfg.adaptive and not threat.is_clean:
-            x_ada = eot_pgd(procedure, clf, x, y, threat, attack_seeds, start=x_adv)
-            if cfg.quantize_adv:
-                x_ada = torch.round(x_ada * 255) / 255
+            examples["nonadaptive"], preds["nonadaptive"] = x_non, procedure.run(clf, x_non, view_seeds).argmax(1)
+        for mode in cfg.randomness_modes:
+            if threat.is_clean:
+                x_a = x_non
+            else:
+                from ..tta.adaptive import adaptive_attack
+
+                x_a = quantised(adaptive_attack(procedure, clf, x, y, eps=threat.eps, norm=threat.norm, spec=adaptive,
+                                                attack_seeds=[image_seed(cfg.seed + 2, i) for i in idx],
+                                                view_seeds=view_seeds if mode == "known" else None, start=x_non))
             with torch.no_grad():
-                defended_ada = procedure.run(clf, x_ada, view_seeds).argmax(1)
-            # worst case per image: keep the adaptive example unless only the transfer one succeeds
-            keep_transfer = (defended_adv != y) & (defended_ada == y)
-            x_adv = torch.where(keep_transfer.view(-1, 1, 1, 1), x_adv, x_ada)
-            defended_adv = torch.where(keep_transfer, defended_adv, defended_ada)
+                examples[f"adaptive_{mode}"], preds[f"adaptive_{mode}"] = x_a, procedure.run(clf, x_a, view_seeds).argmax(1)
+        # worst case per image: the first attack (in order) that fools the defence, else the last one
+        keys = list(examples)
+        x_adv, defended_adv = examples[keys[-1]].clone(), preds[keys[-1]].clone()
+        for key in reversed(keys[:-1]):
+            fooled = preds[key] != y
+            x_adv[fooled], defended_adv[fooled] = examples[key][fooled], preds[key][fooled]
         with torch.no_grad():
             base_adv = clf(x_adv).argmax(1)
-            defended_clean = procedure.run(clf, x, view_seeds).argmax(1)
-        return [{"base_clean_pred": int(a), "base_adv_pred": int(b), "clean_pred": int(c), "adv_pred": int(d)}
-                for a, b, c, d in zip(base_clean.tolist(), base_adv.tolist(), defended_clean.tolist(),
-                                      defended_adv.tolist())]
+        return [{"base_clean_pred": int(base_clean[b]), "base_adv_pred": int(base_adv[b]),
+                 "clean_pred": int(defended_clean[b]), "adv_pred": int(defended_adv[b]),
+                 "adv_preds": {k: int(preds[k][b]) for k in keys}} for b in range(len(y))]
 
-    desc = f"tta {procedure.name} {cfg.data.dataset} {threat.short()}{' adaptive' if cfg.adaptive else ''}"
+    modes = cfg.randomness_modes
+    desc = f"tta {procedure.name} {cfg.data.dataset} {threat.short()}{' adaptive ' + '+'.join(modes) if modes else ''}"
     records = run_per_image(run, state, task.split, task.indices, task.transform(clf.image_size), process,
                             batch_size=cfg.data.batch_size, workers=cfg.data.workers, desc=desc, progress=progress)
     if records is None:
@@ -195,7 +305,10 @@ def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool
         "prompt": clf.prompt_cfg.to_dict(),
         "seed": cfg.seed,
         "threat": threat_record(cfg, len(task.dataset.classnames)),
-        "adaptive": cfg.adaptive,
+        "adaptive": cfg.randomness_modes,
+        "defence_seed": cfg.view_seed,
+        "attacks": attacks_record(cfg, recs, len(task.dataset.classnames)),
+        "worst_case": {"acc": acc("adv_pred"), "over": attack_keys(cfg)},
         "quantize_adv": cfg.quantize_adv,
         "clean_acc": acc("clean_pred"),
         "robust_acc": acc("adv_pred"),
