@@ -2,7 +2,8 @@
 
 1. zero-shot clean and PGD-10 accuracy of the demo backbone over a range of ε;
 2. few-shot adversarial prompt tuning (AdvMaPLe, FAP, CBA-FAPT, APD) against zero-shot, 3 seeds;
-3. test-time defences (TPT, R-TPT, A-TPT) under non-adaptive and adaptive attacks.
+3. test-time defences (TPT, MTA, R-TPT, A-TPT) under non-adaptive and adaptive attacks
+   (randomness secret and known), worst case per image.
 Every number comes from a resumable run directory under `out`; a second `make demo` reuses them.
 """
 from __future__ import annotations
@@ -80,16 +81,47 @@ def _prompt_tuning(out: Path, subset: int, progress: bool, device: str, zero_sho
                                          subset, device), out / "prompt-tuning", progress=progress)
     ablation = run_experiment(_experiment("demo-cba-fapt-ablation", {**DEMO_TRAIN, **ABLATION}, {}, subset, device),
                               out / "ablation-cba-fapt-no-attribution", progress=progress)
-    rows = [["zero-shot CLIP", f"{zero_shot['clean_acc']:.2f}", f"{zero_shot['robust_acc']:.2f}"]]
-    rows += [row(method_class(g["method"]).title, g) for g in summary["aggregate"]]
-    rows += [row("CBA-FAPT, β = γ = 0 (ablation)", g) for g in ablation["aggregate"]]
-    header = ["method", "clean", f"PGD-{PGD_STEPS} ε={TRAIN_EPS}/255"]
+    aa = _autoattack_column(out, summary, ablation, progress, device)
+    rows = [["zero-shot CLIP", f"{zero_shot['clean_acc']:.2f}", f"{zero_shot['robust_acc']:.2f}", *aa["zeroshot"]]]
+    rows += [row(method_class(g["method"]).title, g) + aa[g["method"]] for g in summary["aggregate"]]
+    rows += [row("CBA-FAPT, β = γ = 0 (ablation)", g) + aa["ablation"] for g in ablation["aggregate"]]
+    header = ["method", "clean", f"PGD-{PGD_STEPS} ε={TRAIN_EPS}/255",
+              f"PGD-{PGD_STEPS} (n={AA_SUBSET}, seed {SEEDS[0]})", f"AutoAttack (n={AA_SUBSET}, seed {SEEDS[0]})",
+              f"worst case (n={AA_SUBSET}, seed {SEEDS[0]})"]
     note = (f"32-shot prompt tuning on Fashion-MNIST train (10 epochs, PGD-2 ε={TRAIN_EPS}/255 training "
             f"attack), mean ± sample std over seeds {list(SEEDS)}; evaluated on the same {subset} test images "
-            f"with ℓ∞ PGD-{PGD_STEPS}, α = ε/4, float32. Accuracies in %. The ablation is CBA-FAPT's "
+            f"with ℓ∞ PGD-{PGD_STEPS}, α = ε/4, float32. AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; "
+            f"9 target classes) is run at the same ε on {AA_SUBSET} test images and the prompts of seed "
+            f"{SEEDS[0]} only (about a minute per model on 2 CPU cores), next to PGD-{PGD_STEPS} on the same images; "
+            f"worst case: an image counts only if both attacks fail. Accuracies in %. The ablation is CBA-FAPT's "
             f"L_nat + α·L_adv alone: the difference to the CBA-FAPT row is what the attribution alignment "
             f"(β·L_VAA + γ·L_TAA) does on this backbone.")
     return f"{format_table(header, rows)}\n\n{note}\n\n{_gradient_shares(out / 'prompt-tuning')}"
+
+
+AA_SUBSET = 20
+
+
+def _autoattack_column(out: Path, summary: dict, ablation: dict, progress: bool, device: str) -> dict[str, list[str]]:
+    """PGD, AutoAttack and their per-image worst case on AA_SUBSET images, for zero-shot CLIP and the
+    first seed's prompts of every method: {method: [pgd, autoattack, worst]}."""
+    from ..engine.evaluate import EvalConfig, evaluate
+
+    data = DataSpec(dataset="fashion_mnist", split="test", subset=AA_SUBSET, batch_size=AA_SUBSET)
+    attack = AttackSpec(attack="pgd", eps=TRAIN_EPS, steps=PGD_STEPS)
+    also = [AttackSpec(attack="autoattack", eps=TRAIN_EPS)]
+    models = {"zeroshot": ModelSpec(name="demo")}
+    for g in summary["aggregate"]:
+        models[g["method"]] = ModelSpec(run=str(out / "prompt-tuning" / g["point"] / f"seed-{SEEDS[0]}" / "train"))
+    models["ablation"] = ModelSpec(run=str(out / "ablation-cba-fapt-no-attribution" / ablation["aggregate"][0]["point"]
+                                           / f"seed-{SEEDS[0]}" / "train"))
+    cells = {}
+    for name, model in models.items():
+        m = evaluate(EvalConfig(model=model, data=data, attack=attack, also=also, device=device),
+                     out / "autoattack" / name, progress=progress)
+        acc = {a["key"]: a["acc"] for a in m["attacks"]}
+        cells[name] = [f"{acc['pgd']:.1f}", f"{acc['autoattack']:.1f}", f"{m['robust_acc']:.1f}"]
+    return cells
 
 
 def _gradient_shares(root: Path) -> str:
@@ -122,40 +154,49 @@ def _gradient_shares(root: Path) -> str:
 # area, i.e. 8×8 px) meaningless, so the crops keep at least 60% of the image here.
 TTA_METHODS = ("tpt", "mta", "rtpt", "atpt")
 TTA_PARAMS = {"n_views": 64, "crop_scale": 0.6}
-TTA_SUBSET = 100
+TTA_SUBSET = 24
+# The adaptive attacks at demo cost (the CLI defaults are APGD-100 with EOT-16): every step runs the
+# whole defence — 64 views, the prompt update with its second-order graph — once per view draw.
+TTA_ADAPTIVE = {"steps": 10, "eot": 4}
 
 
 def _test_time(out: Path, progress: bool, device: str) -> str:
-    from ..engine.tta import TTAConfig, TTAMethodSpec, run_tta
+    from ..engine.tta import AdaptiveSpec, TTAConfig, TTAMethodSpec, run_tta
     from ..tta.procedures import procedure_class
 
-    data = DataSpec(dataset="fashion_mnist", split="test", subset=TTA_SUBSET, batch_size=10)
+    data = DataSpec(dataset="fashion_mnist", split="test", subset=TTA_SUBSET, batch_size=8)
     attack = AttackSpec(attack="pgd", eps=TRAIN_EPS, steps=PGD_STEPS)
     rows, base = [], None
     for name in TTA_METHODS:
-        for adaptive in (False, True):
-            cfg = TTAConfig(model=ModelSpec(name="demo"), data=data, method=TTAMethodSpec(name, dict(TTA_PARAMS)),
-                            attack=attack, adaptive=adaptive, device=device)
-            m = run_tta(cfg, out / f"tta-{name}-{'adaptive' if adaptive else 'nonadaptive'}", progress=progress)
-            if base is None and not adaptive:
-                base = ["zero-shot CLIP, no defence", "–", m["base_clean_acc"], m["base_robust_acc"]]
-            rows.append([procedure_class(name).title, "adaptive (EOT through the defence)" if adaptive
-                         else "non-adaptive (CLIP, initial prompt)", m["clean_acc"], m["robust_acc"]])
-    table = format_table(["defence", "attack", "clean", f"PGD-{PGD_STEPS} ε={TRAIN_EPS}/255"], [base] + rows,
-                         align="llrr")
-    note = (f"Fashion-MNIST test, fixed random subset of {TTA_SUBSET} images (seed 0); ℓ∞ PGD-{PGD_STEPS}, "
-            f"α = ε/4, float32, adversarial images not rounded. 64 views (crops ≥ 60% of the image), 10% most "
-            f"confident kept, one AdamW step (lr 5e-3) on a 4-token text prompt reset for every image "
-            f"(MTA tunes nothing: the MeanShift mode of its crop + flip views). A-TPT as released: "
-            f"R-TPT's fusion. "
-            f"Adaptive: EOT-PGD through views and ensemble, started from the non-adaptive example, worst case "
-            f"per image. Accuracies in %.")
+        cfg = TTAConfig(model=ModelSpec(name="demo"), data=data, method=TTAMethodSpec(name, dict(TTA_PARAMS)),
+                        attack=attack, adaptive=True, adaptive_attack=AdaptiveSpec(**TTA_ADAPTIVE), device=device)
+        m = run_tta(cfg, out / f"tta-{name}", progress=progress)
+        if base is None:
+            base = ["zero-shot CLIP, no defence", m["base_clean_acc"], m["base_robust_acc"], "–", "–",
+                    m["base_robust_acc"]]
+        acc = {a["key"]: a["acc"] for a in m["attacks"]}
+        rows.append([procedure_class(name).title, m["clean_acc"], acc["nonadaptive"], acc["adaptive_secret"],
+                     acc["adaptive_known"], m["robust_acc"]])
+    header = ["defence", "clean", "non-adaptive", "adaptive, randomness secret", "adaptive, randomness known",
+              "worst case"]
+    table = format_table(header, [base] + rows, align="lrrrrr")
+    note = (f"Fashion-MNIST test, fixed random subset of {TTA_SUBSET} images (seed 0); ℓ∞ ε={TRAIN_EPS}/255, "
+            f"float32, adversarial images not rounded. Defences: 64 views (crops ≥ 60% of the image), 10% most "
+            f"confident kept, one AdamW step (lr 5e-3) on a 4-token text prompt reset for every image (MTA tunes "
+            f"nothing: the MeanShift mode of its crop + flip views); A-TPT as released (R-TPT's fusion). "
+            f"Non-adaptive: PGD-{PGD_STEPS} (α = ε/4) on CLIP with the initial prompt. Adaptive: APGD-"
+            f"{TTA_ADAPTIVE['steps']} through the whole defence (views, prompt update, ensemble), from the "
+            f"non-adaptive example; randomness secret: the defence draws its views from a seed the attacker never "
+            f"uses, the attacker averages over {TTA_ADAPTIVE['eot']} fresh draws per step (EOT); randomness known: "
+            f"the attacker attacks the exact views the evaluation uses. Worst case: an image counts only if the "
+            f"defence survives every attack. Accuracies in %.")
     return f"{table}\n\n{note}\n"
 
 
 def _report_and_figures(out: Path, device: str) -> str:
     """What `robustprompt report` and `robustprompt explain` make of the demo's runs."""
     from ..explain import EXAMPLE_IMAGE, run_explain
+    from ..report.cards import robustness_cards
     from ..report.collect import collect_runs
     from ..report.plots import tradeoff_scatter
     from ..report.tables import results_table
@@ -163,16 +204,18 @@ def _report_and_figures(out: Path, device: str) -> str:
     report = out / "report"
     tuning_runs = collect_runs([out / "prompt-tuning", out / f"zeroshot-pgd{PGD_STEPS}-eps{TRAIN_EPS}"])
     tuning_md = results_table(tuning_runs, "md")
-    tta_md = results_table(collect_runs(sorted(out.glob("tta-*"))), "md")
+    tta_runs = collect_runs(sorted(p for p in out.glob("tta-*") if p.is_dir()))
+    tta_md = results_table(tta_runs, "md")
     atomic_write_text(report / "prompt_tuning.md", tuning_md + "\n")
     atomic_write_text(report / "test_time.md", tta_md + "\n")
+    atomic_write_text(report / "cards.md", robustness_cards(tta_runs, fmt="md") + "\n")
     written = tradeoff_scatter(tuning_runs, report / "tradeoff.png")
     cba_run = out / "prompt-tuning" / "method=cba_fapt" / f"seed-{SEEDS[0]}" / "train"
     figs, _ = run_explain(image=EXAMPLE_IMAGE, dataset="fashion_mnist", root=None, split="test", n=1, subset_seed=0,
                           model=ModelSpec(name="demo"), runs=[str(cba_run)],
                           threat=AttackSpec(eps=TRAIN_EPS, steps=PGD_STEPS).threat(), target="label", label=None,
                           out=str(report / "explain.png"), device="cpu" if device == "auto" else device)
-    files = [report / "prompt_tuning.md", report / "test_time.md", *written, *figs]
+    files = [report / "prompt_tuning.md", report / "test_time.md", report / "cards.md", *written, *figs]
     return tuning_md, "\n".join(f"  {f}" for f in files)
 
 

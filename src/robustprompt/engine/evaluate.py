@@ -64,6 +64,8 @@ def evaluate(cfg: EvalConfig, out: Optional[str | Path] = None, *, overwrite: bo
     """Run (or resume) an evaluation; returns the metrics on the main process."""
     state, device = process_state(cfg.device)
     config = {"kind": "eval", **to_dict(cfg)}
+    if not cfg.also:  # a single-attack run keeps the config (and run directory) it always had
+        del config["also"]
     config["model"]["prompt"] = resolved_prompt(cfg.model).to_dict()
     run = RunDir(out or default_run_dir("eval", config, cfg.model, cfg.data), config, overwrite=overwrite)
     resumed = run.prepare(is_main=state.is_main_process)
