@@ -24,7 +24,8 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
 
-def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """The perturbation projected into the ε-ball, then so that x + delta stays in [0, 1]."""
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     else:
@@ -32,8 +33,10 @@ def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
     return (x + delta).clamp(0.0, 1.0) - x
 
 
-def _random_start(x: torch.Tensor, eps: float, norm: str, seeds: Optional[Sequence[int]],
-                  generator: Optional[torch.Generator]) -> torch.Tensor:
+def random_perturbation(x: torch.Tensor, eps: float, norm: str, seeds: Optional[Sequence[int]],
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A seeded random perturbation inside the ε-ball (ℓ∞: uniform cube; ℓ2: Gaussian direction,
+    uniform radius), projected as `project` does."""
     if norm == "linf":
         delta = (uniform_noise(x.shape, seeds, x.device, generator) * 2 - 1) * eps
     else:
@@ -42,7 +45,7 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, seeds: Optional[Sequen
         radius_seeds = None if seeds is None else [s + 7919 for s in seeds]
         radius = uniform_noise(torch.Size([x.shape[0], 1, 1, 1]), radius_seeds, x.device, generator)
         delta = direction * radius * eps
-    return _project(delta, x, eps, norm)
+    return project(delta, x, eps, norm)
 
 
 def _check(eps: float, alpha: float, steps: int, norm: str, restarts: int) -> None:
@@ -91,7 +94,7 @@ def pgd(
         best_x, best_loss, best_wrong = x.clone(), None, None
         for r in range(restarts):
             run_seeds = None if seeds is None else [int(s) * 1009 + r for s in seeds]
-            delta = _random_start(x, eps, norm, run_seeds, generator) if random_start else torch.zeros_like(x)
+            delta = random_perturbation(x, eps, norm, run_seeds, generator) if random_start else torch.zeros_like(x)
             for _ in range(steps):
                 delta.requires_grad_(True)
                 with amp:
@@ -103,7 +106,7 @@ def pgd(
                         step = alpha * grad.sign()
                     else:
                         step = alpha * grad / _flat_norm(grad)
-                    delta = _project(delta.detach() + step, x, eps, norm)
+                    delta = project(delta.detach() + step, x, eps, norm)
             x_adv = (x + delta.detach()).clamp(0.0, 1.0)
             if restarts == 1:
                 return x_adv

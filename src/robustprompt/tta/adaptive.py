@@ -72,7 +72,9 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..attacks import losses as attack_losses
 from ..attacks.base import uniform_noise
+from ..attacks.pgd import NORMS, project, random_perturbation
 from ..attacks.threat import ThreatModel
 from ..errors import ConfigError
 from ..models import PromptedClassifier
@@ -80,7 +82,7 @@ from .base import TTAProcedure
 
 LOSSES = ("ce", "dlr")
 SCHEDULES = ("apgd", "pgd")
-NORMS = ("linf", "l2")
+
 
 # APGD constants (Croce & Hein 2020 and their released autoattack code)
 APGD_MOMENTUM = 0.75          # α: weight of the new step against the previous displacement
@@ -156,27 +158,19 @@ def log_probs(probs: torch.Tensor) -> torch.Tensor:
     return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
-def ce_loss(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """−log p_y per row.  logp N×K, y N → N."""
-    return -logp.gather(1, y[:, None])[:, 0]
-
-
 def dlr_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """DLR: −(z_y − max_{j≠y} z_j) / (z_π1 − z_π3 + 1e-12), π the classes sorted by z (descending).
-    With K < 3 the denominator is 1 (plain margin).  z N×K, y N → N."""
-    z_y = z.gather(1, y[:, None])[:, 0]
-    others = z.scatter(1, y[:, None], float("-inf"))
-    margin = z_y - others.max(1).values
-    if z.shape[1] < 3:
-        return -margin
-    top = z.topk(3, dim=1).values
-    return -margin / (top[:, 0] - top[:, 2] + 1e-12)
+    """DLR (attacks.losses.dlr_loss); with K < 3 classes, where it is undefined, the plain margin
+    −(z_y − max_{j≠y} z_j).  z N×K, y N → N."""
+    if z.shape[1] >= 3:
+        return attack_losses.dlr_loss(z, y)
+    return -(z.gather(1, y[:, None])[:, 0] - z.scatter(1, y[:, None], float("-inf")).max(1).values)
 
 
 def attack_loss(probs: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     """Per-row attack loss (higher = worse for the defence).  probs N×K, y N → N."""
     logp = log_probs(probs)
-    return ce_loss(logp, y) if loss == "ce" else dlr_loss(logp, y)
+    # log-probabilities are their own log-softmax, so CE on them is −log p_y
+    return attack_losses.ce_loss(logp, y) if loss == "ce" else dlr_loss(logp, y)
 
 
 # ----------------------------------------------------------------------------- one evaluation
@@ -221,12 +215,8 @@ def _per_image(t: torch.Tensor) -> torch.Tensor:
 
 
 def _project(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Into the ε-ball around x, then into [0, 1] (autoattack's order for ℓ2)."""
-    if norm == "linf":
-        return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
-    d = x_adv - x
-    n = d.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return (x + d * _per_image((eps / n).clamp(max=1))).clamp(0, 1)
+    """x_adv into the ε-ball around x, then into [0, 1] (the PGD attack's projection)."""
+    return x + project(x_adv - x, x, eps, norm)
 
 
 def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
@@ -236,17 +226,8 @@ def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def _random_point(x: torch.Tensor, eps: float, norm: str, seeds: Sequence[int]) -> torch.Tensor:
-    """A uniformly random point of the ε-ball (ℓ∞: uniform cube; ℓ2: uniform in the ball), in [0, 1]."""
-    u = uniform_noise(x.shape, list(seeds), x.device).to(x.dtype)
-    if norm == "linf":
-        return _project(x, x + (2 * u - 1) * eps, eps, norm)
-    # ℓ2: a Gaussian direction (Box–Muller on the seeded uniforms) and radius ε·U^(1/d)
-    u2 = uniform_noise(x.shape, [_mix(s, 1) for s in seeds], x.device).to(x.dtype)
-    gauss = (-2 * (1 - u).log()).sqrt() * torch.cos(2 * math.pi * u2)
-    d = x[0].numel()
-    r = uniform_noise(torch.Size([x.shape[0], 1]), [_mix(s, 2) for s in seeds], x.device).to(x.dtype)
-    direction = gauss / _per_image(gauss.flatten(1).norm(dim=1).clamp_min(1e-12))
-    return _project(x, x + direction * _per_image(eps * r[:, 0] ** (1 / d)), eps, norm)
+    """A seeded random point of the ε-ball in [0, 1], drawn as the PGD attack's random start."""
+    return x + random_perturbation(x, eps, norm, list(seeds))
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
