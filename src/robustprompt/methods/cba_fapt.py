@@ -50,19 +50,13 @@ class CBAFAPTParams:
             raise ConfigError(f"cba_fapt text_temperature must be > 0, got {self.text_temperature}")
 
 
-def masked_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """KL(softmax p ‖ softmax q) over the valid tokens of each row, B. Masked tokens get a large
-    finite negative logit, not −inf: −inf − (−inf) would turn the masked gradients into NaN."""
-    lp = p_logits.masked_fill(~valid, -1e9).log_softmax(-1)
-    lq = q_logits.masked_fill(~valid, -1e9).log_softmax(-1)
-    return (lp.exp() * (lp - lq) * valid).sum(-1)
-
-
 def textual_alignment(t_clean: torch.Tensor, t_adv: torch.Tensor, valid: torch.Tensor, *,
                       norm: str = "standardize", temperature: float = 1.0) -> torch.Tensor:
-    """L_TAA per image, B: KL between the clean and adversarial textual distributions."""
-    return masked_kl(text_logits(t_clean, valid, norm=norm, temperature=temperature),
-                     text_logits(t_adv, valid, norm=norm, temperature=temperature), valid)
+    """L_TAA per image, B: KL(P_t(x) ‖ P_t(x̃)) over each prompt's valid tokens. text_logits gives
+    masked tokens a large finite logit (probability 0, no −inf − −inf NaN in the gradient)."""
+    lp = text_logits(t_clean, valid, norm=norm, temperature=temperature).log_softmax(-1)
+    lq = text_logits(t_adv, valid, norm=norm, temperature=temperature).log_softmax(-1)
+    return (lp.exp() * (lp - lq) * valid).sum(-1)
 
 
 @register
