@@ -6,6 +6,7 @@ Units follow the CLI: attack eps/alpha are in /255 units (eps: 4 means 4/255).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass
@@ -16,7 +17,16 @@ import yaml
 
 from .attacks.threat import ThreatModel
 from .errors import ConfigError
+from .messages import one_line, quote
 from .models.prompts import PromptConfig
+
+# A YAML document may hold at most this many nodes once every alias is expanded (a real config
+# has a few hundred), and at most this many characters of scalars (aliases expanded): anything
+# downstream (merging, hashing, an error message) may walk the expanded structure.
+MAX_YAML_NODES = 100_000
+MAX_YAML_SCALAR_CHARS = 10_000_000
+MAX_YAML_BYTES = 10_000_000
+SEED_LIMIT = 2**31  # seeds are drawn from [0, 2**31): every RNG we feed accepts them, none aliases
 
 
 def _type_name(tp: Any) -> str:
@@ -39,41 +49,63 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of "
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {quote(value)} fits none of "
                           f"{', '.join(_type_name(a) for a in args)}")
     if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        if not _hashable(value) or value not in args:
+            raise ConfigError(f"{where}: {quote(value)} is not one of {', '.join(map(repr, args))}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {quote(value)}")
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {quote(value)}")
         return dict(value)
     if is_dataclass(tp):
         return from_dict(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: expected true/false, got {quote(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {quote(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{where}: expected a number, got {quote(value)}")
+        return finite(value, where)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {quote(value)}")
         return value
     return value
+
+
+def finite(value: int | float, where: str) -> float:
+    """``value`` as a finite float, or a ConfigError naming ``where`` (NaN and ±inf would pass
+    every range check written as a comparison and silently poison a run)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {quote(value)}")
+    try:
+        out = float(value)
+    except OverflowError:  # an integer beyond float range
+        raise ConfigError(f"{where}: {quote(value, 20)} is not a finite number") from None
+    if not math.isfinite(out):
+        raise ConfigError(f"{where}: {out} is not a finite number")
+    return out
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def from_dict(cls: type, data: Any, where: str = "config") -> Any:
@@ -83,12 +115,14 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {quote(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    unknown = sorted((k for k in data if k not in names), key=str)  # YAML keys need not be strings
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        shown = ", ".join(k if isinstance(k, str) and len(k) <= 40 else quote(k, 40) for k in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise ConfigError(f"{where}: unknown key(s) {shown}{more}; known: {', '.join(sorted(names))}")
     defaults = {f.name: f for f in fields(cls)}
     kwargs = {}
     for k, v in data.items():
@@ -96,7 +130,7 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     try:
         return cls(**kwargs)
     except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        raise ConfigError(f"{where}: {one_line(str(exc), 300)}") from exc
 
 
 def _onto_field_default(f: dataclasses.Field, value: Any) -> Any:
@@ -129,18 +163,109 @@ def to_dict(obj: Any) -> Any:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """The mapping in YAML file ``path`` ({} for an empty file), read as data only (safe loader:
+    no Python tags) and bounded (see ``parse_yaml``). Every problem is a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(f"config file {path} is {size} bytes; a config is at most {MAX_YAML_BYTES} bytes")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    data = parse_yaml(text, f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
+
+
+_YAMLLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml also caps nesting at depth 1000
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML ``text`` as plain data (mappings, lists, strings, numbers, booleans, null).
+
+    The document is composed to a node graph first and measured with every alias expanded
+    (``yaml_node_count``); above MAX_YAML_NODES nodes or MAX_YAML_SCALAR_CHARS characters it is
+    refused before any Python object is built, so an alias bomb costs milliseconds, not memory.
+    ``where`` names the source in error messages ("config file c.yaml", "--param lr=…")."""
+    loader = _YAMLLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        nodes, chars = _expanded_size(node, where)
+        if nodes > MAX_YAML_NODES:
+            raise ConfigError(f"{where}: its aliases expand to more than {MAX_YAML_NODES} nodes; "
+                              f"a config needs far fewer (is it an alias bomb?)")
+        if chars > MAX_YAML_SCALAR_CHARS:
+            raise ConfigError(f"{where}: its values expand to more than {MAX_YAML_SCALAR_CHARS} characters")
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        reason = str(exc).replace(' in "<unicode string>",', " at")  # `where` names the source
+        raise ConfigError(f"{where} is not valid YAML: {one_line(reason, 300)}") from None
+    except RecursionError:  # the pure-Python parser on very deep nesting
+        raise ConfigError(f"{where} is not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def yaml_node_count(text: str) -> int:
+    """Nodes of YAML ``text`` with every alias expanded (what MAX_YAML_NODES limits)."""
+    loader = _YAMLLoader(text)
+    try:
+        node = loader.get_single_node()
+        return 0 if node is None else _expanded_size(node, "yaml")[0]
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node, where: str) -> tuple[int, int]:
+    """(nodes, scalar characters) of the tree under ``root`` with aliases expanded.
+
+    An alias is the same node object reached twice, so sizes are memoised per node: the cost is
+    linear in the composed graph, however large its expansion. Iterative (no recursion limit);
+    a node met again while still open is an alias to one of its own ancestors."""
+    done: dict[int, tuple[int, int]] = {}
+    open_ids: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in done:
+            continue
+        kids = _children(node)
+        if not children_done:
+            if key in open_ids:
+                raise ConfigError(f"{where}: an alias refers to itself (a recursive structure)")
+            open_ids.add(key)
+            stack.append((node, True))
+            for kid in kids:
+                if id(kid) in open_ids:
+                    raise ConfigError(f"{where}: an alias refers to itself (a recursive structure)")
+                if id(kid) not in done:
+                    stack.append((kid, False))
+            continue
+        nodes = 1 + sum(done[id(k)][0] for k in kids)
+        chars = (len(node.value) if isinstance(node, yaml.ScalarNode) else 0) + sum(done[id(k)][1] for k in kids)
+        # saturate: sizes past the limit only need to stay past it (and Python ints stay small)
+        done[key] = (min(nodes, MAX_YAML_NODES + 1), min(chars, MAX_YAML_SCALAR_CHARS + 1))
+        open_ids.discard(key)
+    return done[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -157,8 +282,10 @@ def deep_merge(base: dict, override: dict) -> dict:
 def set_dotted(d: dict, dotted: str, value: Any) -> None:
     """set_dotted(cfg, "attack.eps", 4) — for CLI flags that override YAML keys."""
     keys = dotted.split(".")
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
         d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"cannot set {quote(dotted, 100)}: {'.'.join(keys[:i + 1])} is not a mapping")
     d[keys[-1]] = value
 
 
@@ -195,13 +322,24 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if self.classes not in ("all", "base", "new"):
-            raise ConfigError(f"data.classes must be all, base or new, got {self.classes!r}")
+            raise ConfigError(f"data.classes must be all, base or new, got {quote(self.classes)}")
         if self.resize_mode not in ("shortest", "squash"):
-            raise ConfigError(f"data.resize_mode must be shortest or squash, got {self.resize_mode!r}")
+            raise ConfigError(f"data.resize_mode must be shortest or squash, got {quote(self.resize_mode)}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.subset is not None and self.subset < 1:
             raise ConfigError(f"data.subset must be >= 1, got {self.subset}")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+        check_seed(self.subset_seed, "data.subset_seed")
+
+
+def check_seed(seed: int, where: str) -> int:
+    """A seed must lie in [0, 2**31): negative seeds alias positive ones in some generators
+    (random.Random(-1) draws what random.Random(1) draws) and huge ones overflow others."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{where} must be in [0, 2**31), got {quote(seed, 40)}")
+    return seed
 
 
 @dataclass
@@ -219,6 +357,10 @@ class AttackSpec:
     aa_version: str = "standard"
 
     def __post_init__(self) -> None:
+        # finite first (also when built in Python, without from_dict): NaN passes every comparison
+        self.eps = finite(self.eps, "attack.eps")
+        if self.alpha is not None:
+            self.alpha = finite(self.alpha, "attack.alpha")
         self.threat()  # validate now, with ThreatModel's messages
 
     def threat(self) -> ThreatModel:
