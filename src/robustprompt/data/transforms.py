@@ -19,10 +19,13 @@ _INTERPOLATIONS = {
 
 
 class ToRGB:
-    """Convert any PIL image to RGB (grey-scale, palette and RGBA images occur in the wild)."""
+    """Convert any PIL image to 8-bit RGB (grey-scale, palette and RGBA images occur in the wild;
+    16-bit, 32-bit and float images are scaled, not clipped: see data/images.py)."""
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == "RGB" else image.convert("RGB")
+        from robustprompt.data.images import to_rgb8
+
+        return to_rgb8(image)
 
     def __repr__(self) -> str:
         return "ToRGB()"
