@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from .errors import RobustPromptError
+from .messages import one_line
 
 log = logging.getLogger("robustprompt")
+
+# OSErrors that describe the machine, not a bug: a full disk or quota, no permission, a read-only
+# file system, a path through a file, a folder where a file should go, a name already taken.
+# main() prints them as one line; any other exception keeps its traceback.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                                errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
 
 # CLI flag → dotted config key, for flags shared by commands that take a model/data/attack.
 MODEL_FLAGS = {
@@ -78,6 +86,23 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true")
 
 
+def add_params(raw: dict, items: Optional[Sequence[str]]) -> None:
+    """--param KEY=VALUE items into raw["method"]["params"] (VALUE parsed as YAML)."""
+    from .errors import ConfigError
+    from .messages import quote
+
+    for item in items or []:
+        key, value = _parse_set(item)
+        method = raw.setdefault("method", {})
+        if not isinstance(method, dict):
+            raise ConfigError(f"method: expected a mapping (name:, params:) to add --param {quote(key, 60)} to, "
+                              f"got {quote(method, 60)}")
+        params = method.setdefault("params", {})
+        if not isinstance(params, dict):
+            raise ConfigError(f"method.params: expected a mapping, got {quote(params, 60)}")
+        params[key] = value
+
+
 def collect_overrides(args: argparse.Namespace, *tables: dict[str, str]) -> dict:
     from .config import set_dotted
 
@@ -108,8 +133,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     raw = deep_merge(load_yaml(args.config) if args.config else {},
                      collect_overrides(args, MODEL_FLAGS, DATA_FLAGS, ATTACK_FLAGS, RUN_FLAGS))
     if args.also:  # further attacks at the same budget; robust accuracy becomes the worst case
-        budget = {k: v for k, v in (raw.get("attack") or {}).items() if k in ("norm", "eps")}
-        raw["also"] = [*raw.get("also", []), *({"attack": a, **budget} for a in args.also)]
+        from .errors import ConfigError
+
+        attack, also = raw.get("attack") or {}, raw.get("also") or []
+        if not isinstance(attack, dict) or not isinstance(also, list):
+            raise ConfigError("attack must be a mapping and also a list to add --also attacks to them")
+        budget = {k: v for k, v in attack.items() if k in ("norm", "eps")}
+        raw["also"] = [*also, *({"attack": a, **budget} for a in args.also)]
     cfg = from_dict(EvalConfig, raw, args.config or "config")
     metrics = evaluate(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     if metrics is not None:
@@ -135,9 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = load_yaml(args.config) if args.config else {}
     raw = deep_merge(base, collect_overrides(args, MODEL_FLAGS, TRAIN_DATA_FLAGS, TRAIN_FLAGS,
                                              TRAIN_ATTACK_FLAGS, RUN_FLAGS))
-    for item in args.param or []:
-        key, value = _parse_set(item)
-        raw.setdefault("method", {}).setdefault("params", {})[key] = value
+    add_params(raw, args.param)
     cfg = train_config_from_dict(raw, args.config or "config")
     metrics = train(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     if metrics is not None:
@@ -146,17 +174,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
-    import yaml
-
+    """KEY=VALUE with VALUE read as YAML data (bounded like a config file: see config.parse_yaml)."""
+    from .config import parse_yaml
     from .errors import ConfigError
+    from .messages import quote
 
     if "=" not in item:
-        raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+        raise ConfigError(f"expected KEY=VALUE, got {quote(item)}")
     key, value = item.split("=", 1)
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse the value of {item!r}: {exc}") from exc
+    return key.strip(), parse_yaml(value, f"the value of {quote(item, 80)}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -172,7 +198,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.device:
         overrides["device"] = args.device
     if pinned:
-        grid = dict(load_yaml(args.config).get("grid") or {})
+        grid = load_yaml(args.config).get("grid") or {}
+        grid = dict(grid) if isinstance(grid, dict) else {}  # a malformed grid: load_experiment says so
         for key in pinned:  # a --set on a grid key pins it to that one value
             if key in grid:
                 grid[key] = [_parse_set(next(i for i in args.set if i.split("=", 1)[0].strip() == key))[1]]
@@ -199,9 +226,7 @@ def cmd_tta(args: argparse.Namespace) -> int:
                                               "adaptive_restarts": "adaptive_attack.restarts"}))
     if raw.get("adaptive") == []:  # a bare --adaptive: both threat models
         raw["adaptive"] = True
-    for item in args.param or []:
-        key, value = _parse_set(item)
-        raw.setdefault("method", {}).setdefault("params", {})[key] = value
+    add_params(raw, args.param)
     cfg = from_dict(TTAConfig, raw, args.config or "config")
     metrics = run_tta(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     if metrics is not None:
@@ -213,10 +238,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .config import AttackSpec, ModelSpec
     from .explain import run_explain
 
-    if (args.image is None) == (args.n is None):
-        from .errors import ConfigError
+    from .config import check_seed
+    from .errors import ConfigError
 
+    if (args.image is None) == (args.n is None):
         raise ConfigError("give either --image PATH (or 'example') or --n N images of --dataset")
+    if args.n is not None and args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    check_seed(args.subset_seed, "--subset-seed")
     attack = AttackSpec(attack="pgd", eps=args.eps, alpha=args.alpha, steps=args.steps)
     model = ModelSpec(name=args.model, pretrained=args.pretrained, quick_gelu=args.quick_gelu)
     written, pairs = run_explain(image=args.image, dataset=args.dataset, root=args.root, split=args.split, n=args.n or 1,
@@ -237,8 +266,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .paths import atomic_write_text
     from .report.cards import robustness_cards
     from .report.collect import collect_runs
+    from .report.outputs import check_output_folder
     from .report.tables import results_table
 
+    if args.out:
+        check_output_folder(args.out)  # before any work: a file, a path through a file, no permission
+    elif args.plot:
+        from .errors import ConfigError
+
+        raise ConfigError("--plot needs --out DIR for the figure files")
     runs = collect_runs(args.runs)
     cards = robustness_cards(runs, fmt=args.format)  # per defence: each attack and the worst case
     if args.attack:  # one attack's accuracy instead of the worst case over all attacks run
@@ -251,7 +287,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(cards)
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         ext = {"md": "md", "csv": "csv", "latex": "tex"}[args.format]
         atomic_write_text(out / f"results.{ext}", text if text.endswith("\n") else text + "\n")
         if cards.strip():
@@ -263,10 +298,6 @@ def cmd_report(args: argparse.Namespace) -> int:
             if any(r.shots is not None for r in runs):
                 written += few_shot_curves(runs, out / "few_shot.png")
             print("wrote " + ", ".join(str(w) for w in written))
-    elif args.plot:
-        from .errors import ConfigError
-
-        raise ConfigError("--plot needs --out DIR for the figure files")
     return 0
 
 
@@ -302,15 +333,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage mistakes as one line (the usage itself is a --help away), quoting
+    at most a bounded part of what the user typed."""
+
+    def error(self, message: str) -> NoReturn:
+        import re
+
+        message = re.sub(r"'([^']{80})[^']+'", r"'\1…'", message)  # a long value the user typed
+        self.exit(2, f"{self.prog}: error: {one_line(message, 600)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="robustprompt", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser = OneLineParser(prog="robustprompt", description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"robustprompt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # -v also after the command; SUPPRESS keeps a subcommand without it from resetting the flag
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
 
-    p = sub.add_parser("eval", help="clean and robust accuracy of a (prompted) classifier on a dataset")
+    def command(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[verbose], **kw)
+
+    p = command("eval", help="clean and robust accuracy of a (prompted) classifier on a dataset")
     add_model_args(p)
     add_data_args(p)
     add_attack_args(p)
@@ -320,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("train", help="few-shot prompt tuning with one method on one dataset")
+    p = command("train", help="few-shot prompt tuning with one method on one dataset")
     add_model_args(p)
     g = p.add_argument_group("method and optimisation")
     g.add_argument("--method", help="training method (see `robustprompt methods`)")
@@ -344,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("run", help="train + evaluate over seeds (and a grid), summarise mean ± std")
+    p = command("run", help="train + evaluate over seeds (and a grid), summarise mean ± std")
     p.add_argument("config", help="experiment YAML (see configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a dotted key, e.g. train.data.root=/data (pins grid keys); repeatable")
@@ -353,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("tta", help="a test-time defence (TPT, C-TPT, MTA, R-TPT, A-TPT) under attack")
+    p = command("tta", help="a test-time defence (TPT, C-TPT, MTA, R-TPT, A-TPT) under attack")
     add_model_args(p)
     add_data_args(p)
     add_attack_args(p)
@@ -375,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     p.set_defaults(func=cmd_tta)
 
-    p = sub.add_parser("explain", help="attribution maps, clean vs adversarial, as a figure (PNG + PDF)")
+    p = command("explain", help="attribution maps, clean vs adversarial, as a figure (PNG + PDF)")
     p.add_argument("--image", help="an image file, or 'example' for the packaged Fashion-MNIST image")
     p.add_argument("--n", type=int, help="explain N images of --dataset instead (a grid)")
     p.add_argument("--dataset", default="fashion_mnist", help="where class names (and images) come from")
@@ -397,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("report", help="tables (md, csv, latex) and plots from run directories")
+    p = command("report", help="tables (md, csv, latex) and plots from run directories")
     p.add_argument("runs", nargs="+", help="run directories or folders holding them")
     p.add_argument("--format", choices=["md", "csv", "latex"], default="md")
     p.add_argument("--plot", action="store_true", help="also write the few-shot curves and the trade-off scatter")
@@ -407,17 +455,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  "attacks) and the figures")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("methods", help="list the training-time methods")
+    p = command("methods", help="list the training-time methods")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("pretrain-demo", help="build (or verify) the embedded demo backbone")
+    p = command("pretrain-demo", help="build (or verify) the embedded demo backbone")
     p.add_argument("--root", help="where Fashion-MNIST lies, if not in /usr/share/datasets/fashion-mnist")
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST if it is not found")
     p.add_argument("--force", action="store_true", help="rebuild even if a cached copy exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_pretrain_demo)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default: robustness table on the demo backbone")
+    p = command("demo", help="the main job on the embedded default: robustness table on the demo backbone")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's run directories")
     p.add_argument("--subset", type=int, default=1000, help="test images per evaluation")
     p.add_argument("--device", default="auto")
@@ -426,14 +474,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Log records to whatever sys.stderr is when they are emitted (not when main() started)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
+def _setup_logging(verbose: bool) -> None:
+    for h in [h for h in log.handlers if isinstance(h, _StderrHandler)]:  # main() run again in-process
+        log.removeHandler(h)
+    log.addHandler(_StderrHandler())
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def environment_error_line(exc: OSError) -> str:
+    """'cannot write PATH: No space left on device' for an OSError of ENVIRONMENT_ERRNOS."""
+    where = exc.filename if exc.filename is not None else "a file"
+    return one_line(f"cannot write {str(where)[:200]}: {exc.strerror or exc}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    log.propagate = False
+    _setup_logging(getattr(args, "verbose", False))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -441,7 +515,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return func(args)
     except RobustPromptError as exc:
-        print(f"robustprompt {args.command}: error: {exc}", file=sys.stderr)
+        print(f"robustprompt {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise  # not the machine's fault: an internal bug keeps its traceback
+        print(f"robustprompt {args.command}: error: {environment_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nrobustprompt {args.command}: interrupted; run the same command again to resume",

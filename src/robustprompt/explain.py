@@ -121,17 +121,24 @@ def example_image_path():
 def run_explain(*, image: Optional[str], dataset: str, root: Optional[str], split: str, n: int, subset_seed: int,
                 model, runs: Sequence[str], threat: ThreatModel, target: str, label: Optional[str],
                 out: str, device: str = "cpu") -> list:
-    """Build the classifiers, pick the images, explain every (image, model) pair, render the figure."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Build the classifiers, pick the images, explain every (image, model) pair, render the figure.
+    Bad input (an unreadable image, an --out that cannot be written) is refused before any model
+    is built."""
     from .api import classifier_from_spec, resolve_device, run_backbone_spec
     from .config import ModelSpec
     from .data import build_dataset, clip_transform
+    from .data.images import load_rgb
     from .engine.tasks import subset_indices
     from .errors import ConfigError
+    from .messages import quote
     from .methods import method_class
     from .report.explain_figure import render
+    from .report.outputs import check_figure_path
 
+    check_figure_path(out)
+    pil = None
+    if image is not None:
+        pil = load_rgb(example_image_path() if image == EXAMPLE_IMAGE else image)
     dev = resolve_device(device)
     ds = build_dataset(dataset, root)
     names = ds.classnames
@@ -151,16 +158,12 @@ def run_explain(*, image: Optional[str], dataset: str, root: Optional[str], spli
     size = classifiers[0][1].image_size
     transform = clip_transform(size)
     items: list[tuple[torch.Tensor, Optional[int]]] = []
-    if image is not None:
-        path = example_image_path() if image == EXAMPLE_IMAGE else image
-        try:
-            pil = Image.open(path).convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
-            raise ConfigError(f"cannot read image {path}: {exc}") from exc
+    if pil is not None:
         lab = None
         if label is not None:
             if label not in names:
-                raise ConfigError(f"--label {label!r} is not a class of {ds.name}; classes: {', '.join(names[:20])}")
+                raise ConfigError(f"--label {quote(label)} is not a class of {ds.name}; classes: "
+                                  f"{', '.join(names[:20])}{' …' if len(names) > 20 else ''}")
             lab = names.index(label)
         elif image == EXAMPLE_IMAGE and "ankle boot" in names:
             lab = names.index("ankle boot")

@@ -15,6 +15,9 @@ from matplotlib.figure import Figure
 
 from ..errors import ConfigError
 from ..explain import ImageExplanation, PairExplanation
+from .outputs import check_figure_path, save_figure
+
+__all__ = ["render", "check_figure_path"]
 
 PANELS = ("clean · CBA map", "clean · rollout", "clean · top-5", "adversarial · CBA map",
           "adversarial · rollout", "adversarial · top-5", "text attribution")
@@ -77,8 +80,7 @@ def render(pairs: Sequence[PairExplanation], classnames: Sequence[str], out_path
     if not pairs:
         raise ConfigError("nothing to explain")
     out_path = Path(out_path)
-    if out_path.suffix.lower() not in ("", ".png", ".pdf"):
-        raise ConfigError(f"--out must end in .png or .pdf, got {out_path.name}")
+    check_figure_path(out_path)
     rows = len(pairs)
     fig = Figure(figsize=(2.3 * len(PANELS), 2.6 * rows))
     FigureCanvasAgg(fig)
@@ -108,12 +110,4 @@ def render(pairs: Sequence[PairExplanation], classnames: Sequence[str], out_path
              f"explained class; rollout: token-gradient reinforced attention; green bar: the true class.",
              fontsize=8.5, ha="center", va="top")
     base = out_path.with_suffix("") if out_path.suffix else out_path
-    base.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for suffix in (".png", ".pdf"):
-        path = base.with_suffix(suffix)
-        tmp = path.with_name(f".{path.name}.tmp{suffix}")
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
-        tmp.replace(path)
-        written.append(path)
-    return written
+    return save_figure(fig, [base.with_suffix(".png"), base.with_suffix(".pdf")], dpi=150, bbox_inches="tight")

@@ -220,8 +220,6 @@ def output_paths(out_path: str | Path, slug: Optional[str] = None) -> list[Path]
 
 
 def _save(fig: Figure, out_path: str | Path, slug: Optional[str]) -> list[Path]:
-    paths = output_paths(out_path, slug)
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        fig.savefig(path, dpi=DPI)
-    return paths
+    from .outputs import save_figure
+
+    return save_figure(fig, output_paths(out_path, slug), dpi=DPI)
