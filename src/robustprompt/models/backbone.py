@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +15,7 @@ from open_clip import factory as oc_factory
 from torch import nn
 
 from ..errors import ModelError
+from .safe_archive import first_non_finite, is_torchscript_archive, one_line, read_checkpoint  # noqa: F401
 
 log = logging.getLogger("robustprompt")
 
@@ -79,15 +79,6 @@ def _check_name(name: str) -> None:
                          f"(`python -c 'import open_clip; print(open_clip.list_models())'` lists them)")
 
 
-def is_torchscript_archive(path: str | os.PathLike) -> bool:
-    """OpenAI's original CLIP `.pt` files are TorchScript zip archives with a `code/` folder."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-    return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
-
-
 def _image_cfg(model: nn.Module, fallback_mean=OPENAI_MEAN, fallback_std=OPENAI_STD) -> dict[str, Any]:
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     size = cfg.get("size", getattr(model.visual, "image_size", 224))
@@ -123,7 +114,8 @@ def load_backbone(
     pretrained: None / "none" / "random" → random init; a tag known to open_clip (e.g. "openai",
     "laion2b_s34b_b79k") → downloaded as open_clip does; a path → a local checkpoint: an
     open_clip/OpenAI state dict (`.pt`, `.bin`, `.pth`), a `.safetensors` file, or OpenAI's
-    original TorchScript archive. quick_gelu: None picks QuickGELU automatically for OpenAI
+    original TorchScript archive, always read as data only (models.safe_archive: no code in the
+    file runs; non-finite weights are refused). quick_gelu: None picks QuickGELU automatically for OpenAI
     weights (tag "openai" or a TorchScript archive); pass True for other files converted from
     OpenAI weights — open_clip cannot tell from a state dict.
     """
@@ -139,33 +131,28 @@ def load_backbone(
         path = Path(weights)
         if path.is_dir():
             raise ModelError(f"--pretrained {path} is a directory; give the checkpoint file inside it")
-        if is_torchscript_archive(path):
-            qg = True if quick_gelu is None else quick_gelu
-            model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=qg, device="cpu")
-            try:
-                state = torch.jit.load(str(path), map_location="cpu").state_dict()
-            except Exception as exc:  # a corrupt archive is a user problem, not a crash
-                raise ModelError(f"cannot read TorchScript checkpoint {path}: {exc}") from exc
+        # read as data only: never torch.jit.load, never a pickle that can name code (safe_archive)
+        state, torchscript = read_checkpoint(path)
+        qg = (True if quick_gelu is None else quick_gelu) if torchscript else bool(quick_gelu)
+        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=qg, device="cpu")
+        if torchscript:
             # metadata entries of OpenAI's archives, and masks that scripting saves as state
             for key in [k for k in state if k in ("input_resolution", "context_length", "vocab_size")
                         or k.endswith("attn_mask")]:
                 state.pop(key)
-            _load_state(model, state, path, arch)
-            if qg:
-                log.info("%s is an OpenAI TorchScript archive: using QuickGELU activations "
-                         "(the weights were trained with them)", path)
         else:
-            qg = bool(quick_gelu)
-            model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=qg, device="cpu")
             try:
-                state = oc_factory.load_state_dict(str(path))
                 state = oc_factory.convert_state_dict(model, state)
-            except Exception as exc:
-                raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
-            _load_state(model, state, path, arch)
-            if not qg:
-                log.info("loaded %s with nn.GELU; pass quick_gelu=True (--quick-gelu) if these are "
-                         "OpenAI weights", path)
+            except Exception as exc:   # a state dict of some other layout
+                raise ModelError(f"checkpoint {path} does not match architecture {arch}: "
+                                 f"{type(exc).__name__}: {one_line(exc)}") from exc
+        _load_state(model, state, path, arch)
+        if torchscript and qg:
+            log.info("%s is an OpenAI TorchScript archive: using QuickGELU activations "
+                     "(the weights were trained with them)", path)
+        elif not qg:
+            log.info("loaded %s with nn.GELU; pass quick_gelu=True (--quick-gelu) if these are "
+                     "OpenAI weights", path)
     else:
         tag_cfg = open_clip.get_pretrained_cfg(arch, weights)
         if not tag_cfg:
@@ -185,6 +172,8 @@ def load_backbone(
         except Exception as exc:  # network failure, missing cache
             raise ModelError(f"could not obtain weights {arch}/{weights}: {exc}") from exc
 
+    if weights != "random":
+        check_finite(model, weights)
     model = _freeze(model).to(device)
     cfg = _image_cfg(model)
     tokenizer = open_clip.get_tokenizer(arch)
@@ -193,7 +182,9 @@ def load_backbone(
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
-    if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+    """Copy `state` into `model`, requiring exactly the model's keys and shapes (logit_bias optional)."""
+    if ("logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim
+            and state["logit_scale"].numel() == model.logit_scale.numel()):
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
     own = model.state_dict()
     shape_errors = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -203,7 +194,16 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, ar
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k != "logit_bias"]
     if missing or result.unexpected_keys:
+        unexpected = [one_line(k, 80) for k in result.unexpected_keys[:3]]   # names from the file: capped
         raise ModelError(
             f"checkpoint {path} does not match architecture {arch}: "
             f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})")
+            f"{len(result.unexpected_keys)} unexpected keys (e.g. {unexpected})")
+
+
+def check_finite(model: nn.Module, source: str | os.PathLike) -> None:
+    """Refuse weights holding NaN or ±inf (parameters and buffers): they would make every number
+    downstream NaN, which the metrics would report as 0% accuracy rather than as an error."""
+    bad = first_non_finite(model)
+    if bad is not None:
+        raise ModelError(f"weights {source} hold non-finite values (NaN or inf) in {bad}; refusing to use them")
