@@ -10,14 +10,26 @@ from .config import ModelSpec
 from .data.base import Dataset
 from .errors import ConfigError, ModelError
 from .models import Backbone, PromptConfig, PromptedClassifier, load_backbone
+from .models.safe_archive import first_non_finite, one_line, read_safetensors
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """"auto" (CUDA if available, else CPU) or a torch device string; ConfigError for anything torch
+    cannot parse or this machine does not have."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device {one_line(repr(device), 60)} is not a device: "
+                          "use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was asked for but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} was asked for but only {torch.cuda.device_count()} CUDA "
+                          "device(s) are visible here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} was asked for but MPS is not available here")
     return dev
 
 
@@ -75,8 +87,22 @@ def classifier_from_spec(spec: ModelSpec, dataset: Dataset, device: str | torch.
                           templates=resolve_templates(spec.templates, dataset), quick_gelu=spec.quick_gelu,
                           device=device)
     if state is not None:
+        _check_prompt_layout(state, clf.prompt_state_dict(), Path(spec.run))
         clf.load_prompt_state_dict({k: v.to(clf.mean.device) for k, v in state.items()})
     return clf
+
+
+def _check_prompt_layout(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], run: Path) -> None:
+    """The run's prompt tensors must be exactly those its config.yaml's prompt layout makes."""
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if state[k].shape != own[k].shape]
+    if missing or extra or shapes:
+        names = lambda ks: [one_line(k, 60) for k in ks[:3]]   # noqa: E731 (names come from the file)
+        raise ModelError(f"{run / 'prompts.safetensors'} does not hold the prompts {run / 'config.yaml'} "
+                         f"describes: {len(missing)} missing (e.g. {names(missing)}), {len(extra)} unexpected "
+                         f"(e.g. {names(extra)}), {len(shapes)} of another shape (e.g. {shapes[:3]})")
 
 
 def run_backbone_spec(run: str) -> ModelSpec:
@@ -92,10 +118,10 @@ def resolved_prompt(spec: ModelSpec) -> PromptConfig:
     return spec.prompt or PromptConfig()
 
 
-def _trained_prompts(spec: ModelSpec):
-    """Prompt settings and tensors of a training run directory (written by `robustprompt train`)."""
-    from safetensors.torch import load_file
-
+def _trained_prompts(spec: ModelSpec) -> tuple[PromptConfig, dict[str, torch.Tensor], ModelSpec]:
+    """Prompt settings, prompt tensors and backbone spec of a training run directory (written by
+    `robustprompt train`). Every defect of the directory is a one-line ConfigError/ModelError
+    naming the file: an empty or foreign config.yaml, a damaged prompts.safetensors, NaN/inf prompts."""
     from .config import from_dict, load_yaml
 
     run = Path(spec.run)
@@ -103,11 +129,21 @@ def _trained_prompts(spec: ModelSpec):
     cfg_file = run / "config.yaml"
     if not ckpt.is_file() or not cfg_file.is_file():
         raise ConfigError(f"{run} is not a finished training run (expected prompts.safetensors and config.yaml)")
-    cfg = load_yaml(cfg_file)
-    model_cfg = cfg.get("model", {})
+    model_cfg = load_yaml(cfg_file).get("model")
+    if model_cfg is None:
+        raise ConfigError(f"{cfg_file} has no model section: it is not the config of a `robustprompt train` run")
+    if not isinstance(model_cfg, dict):
+        raise ConfigError(f"{cfg_file}: model must be a mapping, got a {type(model_cfg).__name__}")
     trained = from_dict(ModelSpec, {k: v for k, v in model_cfg.items() if k in ModelSpec.__dataclass_fields__},
                         f"{cfg_file}: model")
+    if trained.prompt is None:
+        raise ConfigError(f"{cfg_file} has no model.prompt section, so the layout of {ckpt.name} is unknown")
+    state = read_safetensors(ckpt, "prompts")
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise ModelError(f"{ckpt}: prompt tensor {one_line(bad, 80)} holds non-finite values (NaN or inf); "
+                         "refusing to use it (did that training diverge?)")
     # the prompts belong to the backbone they were trained on: its settings win
     spec = ModelSpec(name=trained.name, pretrained=trained.pretrained, quick_gelu=trained.quick_gelu,
                      prompt=trained.prompt, templates=spec.templates, run=spec.run)
-    return trained.prompt, load_file(str(ckpt)), spec
+    return trained.prompt, state, spec

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..data.fashion_mnist import CLASSNAMES, TEMPLATES, build_fashion_mnist
 from ..errors import ModelError
 from ..models.backbone import Backbone, load_backbone
+from ..models.safe_archive import first_non_finite
 from ..paths import atomic_write_text, cache_dir
 
 log = logging.getLogger("robustprompt")
@@ -85,8 +86,12 @@ def _is_built(directory: Path) -> bool:
     cfg, weights = directory / "config.json", directory / "model.safetensors"
     if not (cfg.is_file() and weights.is_file()):
         return False
-    meta = json.loads(cfg.read_text())
-    return meta.get("recipe") == json.loads(json.dumps(RECIPE)) and meta.get("sha256") == _sha256(weights)
+    try:
+        meta = json.loads(cfg.read_text())
+    except (OSError, ValueError):   # torn or garbled config.json: rebuilt, as corrupt weights are
+        return False
+    return (isinstance(meta, dict) and meta.get("recipe") == json.loads(json.dumps(RECIPE))
+            and meta.get("sha256") == _sha256(weights))
 
 
 def ensure_demo_backbone(*, data_root: Optional[str] = None, download: bool = False, force: bool = False,
@@ -115,6 +120,9 @@ def load_demo_backbone(device: str | torch.device = "cpu", **build_kw: Any) -> B
     missing, unexpected = bb.model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
     if [k for k in missing if k != "logit_bias"] or unexpected:
         raise ModelError(f"demo backbone in {directory} does not match {RECIPE['arch']}; delete the folder")
+    bad = first_non_finite(bb.model)
+    if bad is not None:   # a hash-checked file of our own training: only a bug gets here
+        raise ModelError(f"demo backbone in {directory} holds NaN or inf in {bad}; delete the folder to rebuild it")
     bb.model.to(device)
     bb.name, bb.weights = "demo", f"robustprompt demo ({directory.name})"
     bb.mean, bb.std = (RECIPE["mean"],) * 3, (RECIPE["std"],) * 3

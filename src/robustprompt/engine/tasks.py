@@ -42,11 +42,20 @@ def subset_indices(n: int, subset: int | None, seed: int) -> list[int]:
 def method_of(model: ModelSpec) -> dict:
     """The method and shots a result row reports: from the training run if prompts were loaded."""
     if model.run:
-        from ..config import load_yaml
         from pathlib import Path
 
-        cfg = load_yaml(Path(model.run) / "config.yaml")
-        return {"method": cfg.get("method", {}).get("name", "unknown"), "shots": cfg.get("data", {}).get("shots"),
+        from ..config import load_yaml
+        from ..errors import ConfigError
+
+        cfg_file = Path(model.run) / "config.yaml"
+        cfg = load_yaml(cfg_file)   # ConfigError if missing, not YAML or not a mapping
+        if not cfg:
+            raise ConfigError(f"{cfg_file} is empty: it is not the config of a `robustprompt train` run")
+        method, data = cfg.get("method") or {}, cfg.get("data") or {}
+        for key, value in (("method", method), ("data", data)):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{cfg_file}: {key} must be a mapping, got a {type(value).__name__}")
+        return {"method": method.get("name", "unknown"), "shots": data.get("shots"),
                 "train_run": str(model.run), "train_seed": cfg.get("seed")}
     coupling = model.prompt.coupling if model.prompt else "none"
     return {"method": "zeroshot" if coupling == "none" else f"untrained-{coupling}",
