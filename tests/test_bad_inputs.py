@@ -185,6 +185,7 @@ CASES: list[Case] = [
          setup=_write("c.yaml", "attack: !!python/object/apply:os.system ['touch /tmp/rp-pwned']\n")),
     Case("yaml-int-keys", EVAL + " --config {tmp}/c.yaml", "unknown key(s) 1",
          setup=_write("c.yaml", "1: 2\nattack:\n  eps: 1\n")),
+    Case("config-is-a-folder", EVAL + " --config {tmp}", "is a folder, not a YAML file"),
     Case("yaml-not-utf8", EVAL + " --config {tmp}/c.yaml", "is not UTF-8 text",
          setup=_write("c.yaml", b"\xff\xfe\x00\x01attack")),
     Case("yaml-deep-nesting", EVAL + " --config {tmp}/c.yaml", "is not valid YAML",
@@ -221,6 +222,9 @@ CASES: list[Case] = [
          setup=_write("file", "x")),
     Case("report-disk-full", "report {run} --out {tmp}/rep", "cannot write {tmp}/rep/results.md: No space left",
          patch=_full_disk),
+    Case("explain-out-bad-suffix", EXPLAIN + " --image example --out {tmp}/e.txt", "--out must end in .png or .pdf"),
+    Case("explain-out-existing-folder", EXPLAIN + " --image example --out {tmp}", "wrote {tmp}/explain.png, "
+         "{tmp}/explain.pdf", rc=0),
     Case("explain-out-under-file", EXPLAIN + " --image example --out {tmp}/file/e.png", "cannot write {tmp}/file",
          setup=_write("file", "x")),
 

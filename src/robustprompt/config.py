@@ -166,6 +166,8 @@ def load_yaml(path: str | Path) -> dict:
     """The mapping in YAML file ``path`` ({} for an empty file), read as data only (safe loader:
     no Python tags) and bounded (see ``parse_yaml``). Every problem is a one-line ConfigError."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

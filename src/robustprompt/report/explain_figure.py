@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from ..errors import ConfigError
 from ..explain import ImageExplanation, PairExplanation
-from .outputs import check_figure_path, save_figure
+from .outputs import check_figure_path, figure_base, save_figure
 
 __all__ = ["render", "check_figure_path"]
 
@@ -109,5 +109,5 @@ def render(pairs: Sequence[PairExplanation], classnames: Sequence[str], out_path
     fig.text(0.5, 0.0, f"Clean vs adversarial ({threat_label}). CBA maps: red supports, blue suppresses the "
              f"explained class; rollout: token-gradient reinforced attention; green bar: the true class.",
              fontsize=8.5, ha="center", va="top")
-    base = out_path.with_suffix("") if out_path.suffix else out_path
+    base = figure_base(out_path)
     return save_figure(fig, [base.with_suffix(".png"), base.with_suffix(".pdf")], dpi=150, bbox_inches="tight")

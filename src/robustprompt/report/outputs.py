@@ -40,13 +40,21 @@ def check_output_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
-def check_figure_path(path: str | os.PathLike) -> None:
-    """``--out`` of `explain`: PATH[.png|.pdf]; both PATH.png and PATH.pdf must be writable."""
+def figure_base(path: str | os.PathLike) -> Path:
+    """``--out`` of `explain` without its suffix: PATH.png / PATH.pdf are written; an existing
+    folder gets FOLDER/explain.png and FOLDER/explain.pdf."""
     p = Path(path)
-    shown = str(p)[:200]
+    if p.is_dir():
+        return p / "explain"
     if p.suffix.lower() not in FIGURE_SUFFIXES:
         raise ConfigError(f"--out must end in .png or .pdf, got {p.name[:100]}")
-    base = p.with_suffix("") if p.suffix else p
+    return p.with_suffix("") if p.suffix else p
+
+
+def check_figure_path(path: str | os.PathLike) -> None:
+    """``--out`` of `explain`: both figure files (see figure_base) must be writable."""
+    shown = str(path)[:200]
+    base = figure_base(path)
     for target in (base.with_suffix(".png"), base.with_suffix(".pdf")):
         if target.is_dir():
             raise ConfigError(f"cannot write {shown}: {str(target)[:200]} is a folder")
