@@ -391,7 +391,10 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tens
     Raises ModelError with one line that names the file and says what is wrong with it.
     """
     path = Path(path)
-    kind = checkpoint_kind(path)
+    try:
+        kind = checkpoint_kind(path)
+    except OSError as exc:   # unreadable (permissions, a FIFO, an I/O error)
+        raise ModelError(f"cannot read checkpoint {path}: {one_line(exc.strerror or exc)}") from None
     if kind == "empty":
         raise ModelError(f"cannot read checkpoint {path}: empty file (0 bytes)")
     if kind == "truncated-zip":
@@ -447,10 +450,12 @@ def read_safetensors(path: Union[str, os.PathLike], what: str = "checkpoint") ->
     from safetensors.torch import load_file
 
     path = Path(path)
-    size = path.stat().st_size
+    try:
+        size, head = path.stat().st_size, _head(path, 8)
+    except OSError as exc:
+        raise ModelError(f"cannot read {what} {path}: {one_line(exc.strerror or exc)}") from None
     if size == 0:
         raise ModelError(f"cannot read {what} {path}: empty file (0 bytes)")
-    head = _head(path, 8)
     if len(head) < 8:
         raise ModelError(f"cannot read {what} {path}: not a safetensors file ({size} bytes)")
     header = struct.unpack("<Q", head)[0]
