@@ -3,8 +3,8 @@
 Each row of CASES is one user mistake from the reliability review: the argv given to
 ``robustprompt.cli.main`` (run in-process), the substring its one-line error must hold, and the
 exit code. For every row the harness also checks that stderr is exactly one line without a
-traceback, and that a finished run directory made beforehand (and its image folder) is
-byte-for-byte unchanged afterwards.
+traceback, that no metrics.json was written, and that a finished run directory made beforehand
+(and its image folder) is byte-for-byte unchanged afterwards.
 
 To add a case, append a ``Case`` to CASES (or to a list concatenated onto it). Placeholders in
 ``argv`` are filled with ``str.format``: {tmp} this case's own empty folder, {run} the finished
@@ -291,6 +291,7 @@ def test_bad_input(case: Case, finished, tmp_path, capsys, monkeypatch):
         assert lines[0].startswith(f"robustprompt {argv[0]}: error: "), lines[0][:300]
         assert expect in lines[0], lines[0][:2000]
         assert len(lines[0]) <= 1000
+        assert not list(tmp_path.rglob("metrics.json"))  # a refused command records no result
     assert elapsed < case.seconds
     assert _snapshot(finished["base"]) == finished["snapshot"]  # the earlier run is untouched
 
