@@ -29,7 +29,7 @@ def _records(path):
 def test_run_directory_contents(tmp_path):
     m = evaluate(_cfg(), tmp_path / "run", progress=False)
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert files == ["config.yaml", "metrics.json", "records.jsonl"]
+    assert files == [".robustprompt-run.json", "config.yaml", "metrics.json", "records.jsonl"]  # marker; lock released
     recs = _records(tmp_path / "run")
     assert len(recs) == 24 == m["n"] and len({r["index"] for r in recs}) == 24
     assert set(recs[0]) >= {"index", "id", "label", "clean_pred", "adv_pred"}
@@ -56,7 +56,7 @@ def test_resume_after_kill_gives_same_result(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         evaluate(_cfg(), tmp_path / "run", progress=False)
     monkeypatch.setattr(rundir.RunDir, "append_records", original)
-    part = tmp_path / "run" / "records.part-0.jsonl"
+    [part] = (tmp_path / "run").glob("records.*.part-0.jsonl")   # named by the config's hash
     assert len(part.read_text().splitlines()) == 10
     assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "records.jsonl").exists()
     with open(part, "a") as fh:

@@ -15,3 +15,8 @@ class DatasetError(RobustPromptError):
 
 class ModelError(RobustPromptError):
     """A backbone name, checkpoint or prompt setting cannot be used."""
+
+
+class StorageError(RobustPromptError):
+    """A result file cannot be written (disk full, permission denied, read-only file system).
+    Files written before it stay complete: every write goes to a temporary file first."""

@@ -18,10 +18,14 @@ from .. import __version__
 from ..api import classifier_from_spec, resolved_prompt
 from ..attacks.threat import ThreatModel
 from ..config import AttackSpec, DataSpec, ModelSpec, to_dict
+from ..errors import ConfigError
+from .identity import model_fingerprint, split_fingerprint
 from .runtime import process_state
-from .rundir import RunDir, config_hash
+from .rundir import RunDir, check_out_dir, config_hash
 from .sharded import run_per_image
-from .tasks import load_task, method_of
+from .tasks import Task, load_task, method_of
+
+SEED_LIMIT = 2**31   # seeds live in [0, 2**31): numpy, torch and every derived seed take them
 
 
 @dataclass
@@ -32,6 +36,9 @@ class EvalConfig:
     also: list[AttackSpec] = field(default_factory=list)   # further attacks: robust_acc is the worst case
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed, "seed")
 
     def threats(self) -> dict[str, "ThreatModel"]:
         """Every attack by a short unique key ('pgd', 'autoattack', 'pgd-2', …), in order."""
@@ -44,9 +51,31 @@ class EvalConfig:
         return out
 
 
+def check_seed(value: object, key: str = "seed") -> None:
+    """ConfigError unless `value` is an integer in [0, 2**31)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise ConfigError(f"{key} must be an integer from 0 to {SEED_LIMIT - 1}, got {str(value)[:40]}")
+
+
+IMAGE_SEED_MODULUS = 2**52
+
+
 def image_seed(seed: int, index: int) -> int:
-    """The attack's random start for an image depends only on (seed, image index)."""
-    return (seed * 1_000_003 + index) % (2**63 - 1)
+    """The attack's random start for an image depends only on (seed, image index).
+
+    seed·1000003 + index, reduced into [0, 2**52): for every valid seed (< 2**31) and index
+    (< 2**31) the reduction changes nothing (the value stays below 2.2e15 < 2**52), and for any
+    other integer it keeps the seeds derived downstream (PGD's ×1009 + restart, ℓ2's + 7919)
+    inside int64, which torch.Generator.manual_seed needs."""
+    return (int(seed) * 1_000_003 + int(index)) % IMAGE_SEED_MODULUS
+
+
+def eval_identity(config: dict, model: ModelSpec, task: Task) -> None:
+    """Add the run's fingerprints to `config` (in place): the prompts and backbone weights it
+    loads (SHA-256) and the images it works on (ids and labels at its indices, class names)."""
+    config["model"]["fingerprint"] = model_fingerprint(model)
+    config["data"]["fingerprint"] = split_fingerprint(task.split.ids, task.split.labels, task.indices,
+                                                      task.dataset.classnames)
 
 
 def default_run_dir(kind: str, cfg_dict: dict, model: ModelSpec, data: DataSpec) -> Path:
@@ -60,20 +89,28 @@ def environment() -> dict[str, Any]:
 
 
 def evaluate(cfg: EvalConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
-             progress: bool = True) -> Optional[dict[str, Any]]:
-    """Run (or resume) an evaluation; returns the metrics on the main process."""
+             progress: bool = True, wait_for_lock: bool = False) -> Optional[dict[str, Any]]:
+    """Run (or resume) an evaluation; returns the metrics on the main process.
+
+    The run directory is locked for the whole run: another process on it is refused with a
+    ConfigError naming its PID, unless `wait_for_lock` (then this one waits for it)."""
+    if out is not None:
+        check_out_dir(out)   # before any work
     state, device = process_state(cfg.device)
     config = {"kind": "eval", **to_dict(cfg)}
     if not cfg.also:  # a single-attack run keeps the config (and run directory) it always had
         del config["also"]
     config["model"]["prompt"] = resolved_prompt(cfg.model).to_dict()
-    run = RunDir(out or default_run_dir("eval", config, cfg.model, cfg.data), config, overwrite=overwrite)
-    resumed = run.prepare(is_main=state.is_main_process)
-    state.wait_for_everyone()
-    if resumed and run.metrics() is not None:
-        return run.metrics() if state.is_main_process else None
-
     task = load_task(cfg.data)
+    eval_identity(config, cfg.model, task)
+    run = RunDir(out or default_run_dir("eval", config, cfg.model, cfg.data), config, overwrite=overwrite)
+    with run.open(state, wait_for_lock=wait_for_lock) as resumed:
+        if resumed and run.metrics() is not None:
+            return run.metrics() if state.is_main_process else None
+        return _evaluate(cfg, run, state, device, task, progress)
+
+
+def _evaluate(cfg: EvalConfig, run: RunDir, state, device, task: Task, progress: bool) -> Optional[dict[str, Any]]:
     clf = classifier_from_spec(cfg.model, task.dataset, device)
     clf.eval()
     threat = cfg.attack.threat()

@@ -20,7 +20,9 @@ from ..config import AttackSpec, DataSpec, ModelSpec, from_dict, set_dotted, to_
 from ..errors import ConfigError
 from ..paths import atomic_write_text
 from ..report.console import format_table
-from .evaluate import EvalConfig, evaluate
+from .evaluate import EvalConfig, check_seed, evaluate
+from .rundir import check_out_dir, experiment_dir
+from .runtime import process_state
 from .train import TrainConfig, train, train_config_from_dict
 
 
@@ -60,6 +62,10 @@ class ExperimentConfig:
     grid: dict = field(default_factory=dict)           # dotted key under train/eval → list of values
     out: Optional[str] = None
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for i, seed in enumerate(self.seeds):
+            check_seed(seed, f"seeds[{i}]")
 
 
 @dataclass
@@ -134,29 +140,37 @@ def _eval_config(point: Point, seed: int, target: EvalTarget, train_dir: Path, c
 
 
 def run_experiment(cfg: ExperimentConfig, out: Optional[str | Path] = None, *, progress: bool = True,
-                   where: str = "config") -> Optional[dict[str, Any]]:
+                   where: str = "config", wait_for_lock: bool = False) -> Optional[dict[str, Any]]:
+    """Every (grid point, seed): train, then evaluate each target; returns the summary (main
+    process). The root folder follows the run-directory rules (marker; a non-empty folder without
+    one is refused) and is locked for the whole experiment; each run inside it is a run directory."""
     points = expand(cfg, where)
     root = Path(out or cfg.out or Path("runs") / "experiments" / _slug(cfg.name))
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "experiment.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    rows = []
-    for point in points:
-        for seed in cfg.seeds:
-            seed_dir = root / point.key / f"seed-{seed}"
-            train(point.train[seed], seed_dir / "train", progress=progress)
-            for label, target in point.evals:
-                m = evaluate(_eval_config(point, seed, target, seed_dir / "train", cfg),
-                             seed_dir / f"eval-{_slug(label)}", progress=progress)
-                if m is not None:
-                    rows.append({"point": point.key, **{setting_name(k): v for k, v in point.settings.items()},
-                                 "method": m["method"], "target": label, "seed": seed,
-                                 "clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"],
-                                 "attack_accs": {a["key"]: a["acc"] for a in m.get("attacks", [])},
-                                 "threat": m["threat"], "run": str(seed_dir / f"eval-{_slug(label)}")})
-    summary = summarize(rows, cfg)
-    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(root / "summary.md", summary["markdown"])
-    return summary
+    check_out_dir(root)   # before any work
+    state, _ = process_state(cfg.device)
+    with experiment_dir(root, state, wait_for_lock=wait_for_lock):
+        if state.is_main_process:
+            atomic_write_text(root / "experiment.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        rows = []
+        for point in points:
+            for seed in cfg.seeds:
+                seed_dir = root / point.key / f"seed-{seed}"
+                train(point.train[seed], seed_dir / "train", progress=progress)
+                for label, target in point.evals:
+                    m = evaluate(_eval_config(point, seed, target, seed_dir / "train", cfg),
+                                 seed_dir / f"eval-{_slug(label)}", progress=progress)
+                    if m is not None:
+                        rows.append({"point": point.key, **{setting_name(k): v for k, v in point.settings.items()},
+                                     "method": m["method"], "target": label, "seed": seed,
+                                     "clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"],
+                                     "attack_accs": {a["key"]: a["acc"] for a in m.get("attacks", [])},
+                                     "threat": m["threat"], "run": str(seed_dir / f"eval-{_slug(label)}")})
+        if not state.is_main_process:   # the other processes' evaluations return nothing to summarise
+            return None
+        summary = summarize(rows, cfg)
+        atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(root / "summary.md", summary["markdown"])
+        return summary
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

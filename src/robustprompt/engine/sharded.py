@@ -2,6 +2,7 @@
 image appended after every batch, a progress bar, and resume from whatever was recorded."""
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -45,10 +46,16 @@ def run_per_image(
     """Run `process_batch` over every index not yet recorded in `run`, this process's share only.
 
     Shards are contiguous slices of the remaining indices (accelerate's
-    `split_between_processes`, no padding, no repeats). Returns all records on the main process
-    once every process is done (None elsewhere).
+    `split_between_processes`, no padding, no repeats). A kept record must name the image the
+    split now has at its index (`id`); one that does not is redone, with a warning. Returns all
+    records on the main process once every process is done (None elsewhere).
     """
-    done = run.load_records()
+    done = run.load_records(ids=split.ids)
+    wanted = set(indices)
+    stale = [i for i in run.mismatched if i in wanted]
+    if stale and state.is_main_process:
+        print(f"warning: {len(stale)} recorded images of {run.path} no longer match the images at their "
+              f"indices (first: index {stale[0]}); redoing them", file=sys.stderr, flush=True)
     remaining = [i for i in indices if i not in done]
     # every process must shard the same list: nobody writes before everybody has read
     state.wait_for_everyone()
@@ -76,7 +83,7 @@ def run_per_image(
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    records = run.load_records()
+    records = run.load_records(ids=split.ids)
     missing = [i for i in indices if i not in records]
     if missing:
         raise RuntimeError(f"{len(missing)} images have no record after the run (first: {missing[:5]})")

@@ -9,9 +9,11 @@ the training attack runs inside each process on the plain classifier, with no gr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -30,11 +32,12 @@ from ..errors import ConfigError, RobustPromptError
 from ..methods import build_method
 from ..methods.base import Method
 from ..models import PromptedClassifier
-from ..paths import atomic_write_text
-from .evaluate import environment
+from ..paths import atomic_save_tensors, atomic_write_text
+from .evaluate import check_seed, environment
 from .grad_share import share_record
+from .identity import split_fingerprint, weights_fingerprint
 from .runtime import process_state
-from .rundir import RunDir, config_hash
+from .rundir import RunDir, check_out_dir, config_hash
 from .sharded import IndexedImages
 
 
@@ -68,6 +71,8 @@ class TrainDataSpec:
                               f"got {self.few_shot_source!r}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
         if self.shots is not None and self.shots < 1:
             raise ConfigError(f"data.shots must be >= 1 (or null for all), got {self.shots}")
 
@@ -83,6 +88,9 @@ class OptimSpec:
     schedule: str = "cosine"            # cosine | constant
 
     def __post_init__(self) -> None:
+        for key in ("lr", "momentum", "weight_decay", "warmup_lr"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"optim.{key} must be a finite number, got {getattr(self, key)}")
         if self.epochs < 1 or self.lr <= 0 or self.warmup_epochs < 0:
             raise ConfigError(f"optim needs epochs >= 1, lr > 0, warmup_epochs >= 0 (got {self.epochs}, "
                               f"{self.lr}, {self.warmup_epochs})")
@@ -117,6 +125,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        check_seed(self.seed, "seed")
+
 
 def _train_transform(image_size: int, augment: str, resize_mode: str = "shortest",
                      interpolation: str = "bicubic"):
@@ -145,21 +156,22 @@ def default_train_dir(cfg_dict: dict, cfg: TrainConfig) -> Path:
 
 
 def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
-          progress: bool = True) -> Optional[dict[str, Any]]:
-    """Train (or resume, or return the finished) run; returns its summary on the main process."""
-    from accelerate.utils import reduce
+          progress: bool = True, wait_for_lock: bool = False) -> Optional[dict[str, Any]]:
+    """Train (or resume, or return the finished) run; returns its summary on the main process.
 
+    The run's identity covers everything that changes the prompts it computes: every setting
+    except device and progress (batch size and workers included: they change the data order
+    and augmentation), the backbone weights (SHA-256 of a weight file) and the training images
+    (ids and labels, class names). The run directory is locked for the whole run: another process
+    on it is refused with a ConfigError naming its PID, unless `wait_for_lock`."""
+    if out is not None:
+        check_out_dir(out)   # before any work
     state, device = process_state(cfg.device)
     method = build_method(cfg.method.name, cfg.method.params, cfg.train_attack.threat())
     prompt_cfg = cfg.model.prompt or method.default_prompt
     config = {"kind": "train", **to_dict(cfg)}
     config["model"]["prompt"] = prompt_cfg.to_dict()   # record what was used, not "default"
     config["method"]["params"] = to_dict(method.params)
-    run = RunDir(out or default_train_dir(config, cfg), config, overwrite=overwrite)
-    run.prepare(is_main=state.is_main_process)
-    state.wait_for_everyone()
-    if (run.path / "prompts.safetensors").exists() and run.metrics() is not None:
-        return run.metrics() if state.is_main_process else None
 
     # ---------------------------------------------------------------- data
     dataset = build_dataset(cfg.data.dataset, cfg.data.root, download=cfg.data.download)
@@ -167,6 +179,20 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
         dataset = base_new_split(dataset, cfg.data.classes)
     split = dataset.split(cfg.data.split)
     indices, few_shot_source = _train_indices(cfg, dataset, split)
+    config["model"]["fingerprint"] = {"weights": weights_fingerprint(cfg.model)}
+    config["data"]["fingerprint"] = split_fingerprint(split.ids, split.labels, indices, dataset.classnames)
+
+    run = RunDir(out or default_train_dir(config, cfg), config, overwrite=overwrite)
+    with run.open(state, wait_for_lock=wait_for_lock):
+        if (run.path / "prompts.safetensors").exists() and run.metrics() is not None:
+            return run.metrics() if state.is_main_process else None
+        return _train(cfg, run, state, device, method, prompt_cfg, dataset, split, indices, few_shot_source,
+                      progress)
+
+
+def _train(cfg: TrainConfig, run: RunDir, state, device, method: Method, prompt_cfg, dataset, split,
+           indices: list[int], few_shot_source: Optional[str], progress: bool) -> Optional[dict[str, Any]]:
+    from accelerate.utils import reduce
 
     # ---------------------------------------------------------------- model and method
     backbone = get_backbone(cfg.model.name, cfg.model.pretrained, cfg.model.quick_gelu, device)
@@ -187,7 +213,7 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
     optimizer = torch.optim.SGD([{"params": g} for g in groups], lr=opt.lr, momentum=opt.momentum,
                                 weight_decay=opt.weight_decay)
     params = [p for g in groups for p in g]
-    history, start_epoch = _resume(run, clf, method, optimizer)
+    history, start_epoch = _resume(run, clf, method, optimizer, state.is_main_process)
     if start_epoch and state.is_main_process and progress:
         tqdm.write(f"resuming {run.path} after epoch {start_epoch}")
 
@@ -236,6 +262,7 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
         summary.update(shares)  # this process's first batch of the epoch
         summary["time_s"] = round(time.time() - t_epoch, 3)
         history.append(summary)
+        _check_params_finite(clf, method, epoch)   # every process holds the same prompts: all stop
         if state.is_main_process:
             _save_checkpoint(run, clf, method, optimizer, epoch, summary)
         state.wait_for_everyone()
@@ -334,32 +361,84 @@ def _ckpt_name(epoch: int) -> str:
     return f"epoch-{epoch:03d}"
 
 
+def _check_params_finite(clf, method: Method, epoch: int) -> None:
+    """TrainingError, before anything is written, when the prompts or the method's extra state
+    (e.g. APD's teacher prompts) hold NaN or ±inf: saving them would turn a diverged run into a
+    result that evaluates to chance without a word."""
+    named = {**{f"prompts ({k})": v for k, v in clf.prompt_state_dict().items()},
+             **{f"method state ({k})": v for k, v in method.extra_state().items()}}
+    for name, tensor in named.items():
+        t = tensor.detach()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "infinity"
+            raise TrainingError(f"training diverged at epoch {epoch}: {name} hold {kind}; nothing was saved for "
+                                "this epoch — lower optim.lr (--lr) or check the data")
+
+
 def _save_checkpoint(run: RunDir, clf, method: Method, optimizer, epoch: int, summary: dict) -> None:
     ckdir = run.path / "checkpoints"
-    ckdir.mkdir(exist_ok=True)
-    tensors = {f"prompt.{k}": v.contiguous() for k, v in clf.prompt_state_dict().items()}
-    tensors.update({f"extra.{k}": v.detach().contiguous() for k, v in method.extra_state().items()})
+    tensors = {f"prompt.{k}": v for k, v in clf.prompt_state_dict().items()}
+    tensors.update({f"extra.{k}": v for k, v in method.extra_state().items()})
     for gi, group in enumerate(optimizer.param_groups):
         for pi, p in enumerate(group["params"]):
             buf = optimizer.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
-                tensors[f"optim.{gi}.{pi}"] = buf.detach().contiguous()
+                tensors[f"optim.{gi}.{pi}"] = buf
     base = ckdir / _ckpt_name(epoch)
-    tmp = base.with_name(f".{base.name}.tmp.safetensors")
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(base.with_suffix(".safetensors"))
+    atomic_save_tensors(base.with_suffix(".safetensors"), tensors)
     # the json is written last: a checkpoint counts only once both files exist
     atomic_write_text(base.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
 
 
-def _resume(run: RunDir, clf, method: Method, optimizer) -> tuple[list[dict], int]:
+def _read_checkpoint(json_file: Path, epoch: int) -> tuple[Optional[dict], Optional[dict], str]:
+    """(summary, tensors, "") of epoch `epoch`'s checkpoint pair, or (None, None, why) when either
+    file is missing, truncated or does not hold that epoch."""
+    try:
+        summary = json.loads(json_file.read_text())
+        if not isinstance(summary, dict) or summary.get("epoch") != epoch:
+            return None, None, f"{json_file.name} does not describe epoch {epoch}"
+        tensors = load_file(str(json_file.with_suffix(".safetensors")))
+    except FileNotFoundError as exc:
+        return None, None, f"{Path(exc.filename or json_file).name} is missing"
+    except Exception as exc:  # noqa: BLE001 — any failure to parse a file we wrote means it is damaged
+        return None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'}"
+    return summary, tensors, ""
+
+
+def _usable_checkpoints(run: RunDir, is_main: bool) -> tuple[list[dict], Optional[dict]]:
+    """The epoch summaries 0..k of the latest checkpoint k from which a resume can go on, and k's
+    tensors. Epochs must be consecutive from 0; a damaged pair (a truncated .safetensors or .json
+    from a kill or a full disk) ends the usable run of epochs: it is deleted (main process) and
+    the run resumes from the previous good checkpoint, with a note."""
     ckdir = run.path / "checkpoints"
-    done = sorted(p for p in ckdir.glob("epoch-*.json")) if ckdir.exists() else []
-    done = [p for p in done if p.with_suffix(".safetensors").exists()]
-    if not done:
+    if not ckdir.is_dir():
+        return [], None
+    numbers = sorted(int(p.stem.split("-")[1]) for p in ckdir.glob("epoch-*.json") if p.stem.split("-")[1].isdigit())
+    history: list[dict] = []
+    tensors: Optional[dict] = None
+    for epoch in range(len(numbers)):
+        if numbers[epoch] != epoch:
+            break
+        json_file = ckdir / f"{_ckpt_name(epoch)}.json"
+        summary, loaded, why = _read_checkpoint(json_file, epoch)
+        if summary is None:
+            if is_main:
+                for f in (json_file, json_file.with_suffix(".safetensors")):
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+                back = f"epoch {epoch - 1}'s checkpoint" if epoch else "the start"
+                print(f"note: checkpoint {_ckpt_name(epoch)} of {run.path} is damaged ({why}); deleted it and "
+                      f"resuming from {back}", file=sys.stderr, flush=True)
+            break
+        history.append(summary)
+        tensors = loaded
+    return history, tensors
+
+
+def _resume(run: RunDir, clf, method: Method, optimizer, is_main: bool = True) -> tuple[list[dict], int]:
+    history, tensors = _usable_checkpoints(run, is_main)
+    if tensors is None:
         return [], 0
-    last = done[-1]
-    tensors = load_file(str(last.with_suffix(".safetensors")))
     device = clf.mean.device
     clf.load_prompt_state_dict({k[len("prompt."):]: v.to(device) for k, v in tensors.items() if k.startswith("prompt.")})
     method.load_extra_state({k[len("extra."):]: v.to(device) for k, v in tensors.items() if k.startswith("extra.")})
@@ -368,22 +447,19 @@ def _resume(run: RunDir, clf, method: Method, optimizer) -> tuple[list[dict], in
             key = f"optim.{gi}.{pi}"
             if key in tensors:
                 optimizer.state[p]["momentum_buffer"] = tensors[key].to(device).clone()
-    history = [json.loads(p.read_text()) for p in done]
     return history, history[-1]["epoch"] + 1
 
 
 def _finish(run: RunDir, clf, method: Method, cfg: TrainConfig, dataset, indices, history, t_start, state,
             few_shot_source: Optional[str] = None):
+    _check_params_finite(clf, method, history[-1]["epoch"] if history else 0)   # on every process
     if not state.is_main_process:
         state.wait_for_everyone()
         return None
-    extra = {k: v.detach().contiguous().cpu() for k, v in method.extra_state().items()}
+    extra = method.extra_state()
     if extra:  # e.g. APD's teacher prompts: kept, but not part of the trained classifier
-        save_file(extra, str(run.path / ".extra.tmp.safetensors"))
-        (run.path / ".extra.tmp.safetensors").replace(run.path / "method_state.safetensors")
-    tmp = run.path / ".prompts.tmp.safetensors"
-    save_file({k: v.contiguous().cpu() for k, v in clf.prompt_state_dict().items()}, str(tmp))
-    tmp.replace(run.path / "prompts.safetensors")
+        atomic_save_tensors(run.path / "method_state.safetensors", extra)
+    atomic_save_tensors(run.path / "prompts.safetensors", clf.prompt_state_dict())
     metrics = {
         "kind": "train",
         "method": method.name,

@@ -37,11 +37,11 @@ from ..errors import DatasetError
 from ..models import PromptConfig
 from ..errors import ConfigError
 from ..tta.procedures import build_procedure, procedure_class
-from .evaluate import environment, image_seed
+from .evaluate import check_seed, environment, eval_identity, image_seed
 from .runtime import process_state
-from .rundir import RunDir, config_hash
+from .rundir import RunDir, check_out_dir, config_hash
 from .sharded import run_per_image
-from .tasks import load_task, method_of
+from .tasks import Task, load_task, method_of
 
 # TPT's prompt: 4 learnable text tokens initialised from "a photo of a", one block.
 TPT_PROMPT = PromptConfig(coupling="text", n_ctx=4, depth=1, text_init="a photo of a")
@@ -157,6 +157,9 @@ class TTAConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        check_seed(self.seed, "seed")
+        if self.defence_seed is not None:
+            check_seed(self.defence_seed, "defence_seed")
         modes = self.randomness_modes
         bad = [m for m in modes if m not in RANDOMNESS]
         if bad or len(set(modes)) != len(modes):
@@ -217,7 +220,11 @@ def attacks_record(cfg: TTAConfig, recs: list[dict], n_classes: int) -> list[dic
 
 
 def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
-            progress: bool = True) -> Optional[dict[str, Any]]:
+            progress: bool = True, wait_for_lock: bool = False) -> Optional[dict[str, Any]]:
+    """Run (or resume) a test-time defence under attack; returns the metrics on the main process.
+    The run directory is locked as in `evaluate` (`wait_for_lock`: wait for another process)."""
+    if out is not None:
+        check_out_dir(out)   # before any work
     state, device = process_state(cfg.device)
     params, augmix_source = resolve_augmix(cfg.method, cfg.data.dataset)
     procedure = build_procedure(cfg.method.name, params)
@@ -226,15 +233,19 @@ def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool
     config["model"] = to_dict(model_spec)
     config["model"]["prompt"] = resolved_prompt(model_spec).to_dict()
     config["method"]["params"] = to_dict(procedure.params)   # augmix as resolved
+    task = load_task(cfg.data)
+    eval_identity(config, model_spec, task)
     ds = cfg.data.dataset.replace(":", "_").replace("/", "_")
     default = Path("runs") / "tta" / f"{procedure.name}-{ds}-{model_spec.name}-{config_hash(config)}"
     run = RunDir(out or default, config, overwrite=overwrite)
-    resumed = run.prepare(is_main=state.is_main_process)
-    state.wait_for_everyone()
-    if resumed and run.metrics() is not None:
-        return run.metrics() if state.is_main_process else None
+    with run.open(state, wait_for_lock=wait_for_lock) as resumed:
+        if resumed and run.metrics() is not None:
+            return run.metrics() if state.is_main_process else None
+        return _run_tta(cfg, run, state, device, task, procedure, model_spec, augmix_source, progress)
 
-    task = load_task(cfg.data)
+
+def _run_tta(cfg: TTAConfig, run: RunDir, state, device, task: Task, procedure, model_spec: ModelSpec,
+             augmix_source: str, progress: bool) -> Optional[dict[str, Any]]:
     clf = classifier_from_spec(model_spec, task.dataset, device)
     clf.eval()
     if procedure.tunes_prompt:
