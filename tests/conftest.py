@@ -3,7 +3,38 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+def _threads_from_env() -> int:
+    """RP_TEST_THREADS=N runs the suite with N intra-op threads (and one inter-op thread), to check
+    that no float tolerance depends on the reduction order; default min(2, #CPUs)."""
+    raw = os.environ.get("RP_TEST_THREADS", "").strip()
+    if not raw:
+        return min(2, os.cpu_count() or 1)
+    if not raw.isdigit() or int(raw) < 1:
+        raise pytest.UsageError(f"RP_TEST_THREADS must be a positive integer, got {raw[:40]!r}")
+    return int(raw)
+
+
+torch.set_num_threads(_threads_from_env())
+if os.environ.get("RP_TEST_THREADS", "").strip():
+    try:
+        torch.set_num_interop_threads(1)   # only possible before any inter-op work has started
+    except RuntimeError:
+        pass
+
+# RP_TEST_TOLERANCE_LOG=path.jsonl records each float comparison's error and its margin to the bound
+_set_test = None
+if os.environ.get("RP_TEST_TOLERANCE_LOG"):
+    from tolerance_log import install
+
+    _set_test = install(os.environ["RP_TEST_TOLERANCE_LOG"])
+
+
+@pytest.fixture(autouse=True)
+def _tolerance_log_test_id(request):
+    if _set_test is not None:
+        _set_test(request.node.nodeid)
+    yield
 
 
 @pytest.fixture(scope="session")
