@@ -1,14 +1,16 @@
 """The threat model: which attack, norm, budget and steps — the thing every number is tied to."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
+from numbers import Integral, Real
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .autoattack import autoattack, autoattack_info
+from .autoattack import autoattack, autoattack_info, check_version
 from .losses import ATTACK_LOSSES
 from .pgd import NORMS, pgd
 
@@ -32,24 +34,36 @@ class ThreatModel:
 
     def __post_init__(self) -> None:
         if self.attack not in ATTACKS:
-            raise ConfigError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS)}")
+            raise ConfigError(f"unknown attack {_quote(self.attack)}; choose one of {', '.join(ATTACKS)}")
         if self.norm not in NORMS:
-            raise ConfigError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+            raise ConfigError(f"unknown norm {_quote(self.norm)}; choose one of {', '.join(NORMS)}")
         if self.loss not in ATTACK_LOSSES:
-            raise ConfigError(f"unknown attack loss {self.loss!r}; choose one of {', '.join(ATTACK_LOSSES)}")
-        if not self.eps >= 0:
+            raise ConfigError(f"unknown attack loss {_quote(self.loss)}; choose one of {', '.join(ATTACK_LOSSES)}")
+        _check_finite("eps", self.eps)
+        if self.eps < 0:
             raise ConfigError(f"eps must be >= 0, got {self.eps}")
         if self.eps > 1:
             raise ConfigError(f"eps={self.eps} is larger than the whole [0,1] pixel range; "
                               "in Python eps is in pixel units (4/255), at the CLI in /255 units (4)")
+        if self.alpha is not None:
+            _check_finite("alpha", self.alpha)
+            if self.alpha <= 0:
+                raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+        for name in ("steps", "restarts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise ConfigError(f"{name} must be an integer, got {_quote(value)}")
         if self.attack == "pgd" and (self.steps < 1 or self.restarts < 1):
             raise ConfigError(f"pgd needs steps >= 1 and restarts >= 1 (got {self.steps}, {self.restarts})")
-        if self.alpha is not None and self.alpha <= 0:
-            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+        if self.attack == "autoattack":
+            check_version(self.aa_version)
 
     @classmethod
     def from_255(cls, eps: float, alpha: Optional[float] = None, **kw: Any) -> "ThreatModel":
         """eps and alpha given in /255 units, as users write them (eps=4 means 4/255)."""
+        _check_finite("eps", eps)
+        if alpha is not None:
+            _check_finite("alpha", alpha)
         return cls(eps=eps / 255, alpha=None if alpha is None else alpha / 255, **kw)
 
     @property
@@ -97,8 +111,11 @@ class ThreatModel:
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
             seeds: Optional[Sequence[int]] = None, seed: int = 0,
             clean_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Adversarial images for (x, y); x itself when the threat model is clean. clean_logits
-        (detached) spare the kl loss a clean forward."""
+        """Adversarial images for (x, y) (B×3×H×W, B); x itself when the threat model is clean.
+        seeds: one per image (the engine's image seeds), so an image's example does not depend on
+        the batch it is in. AutoAttack runs once per image, seeded with its seed (without seeds:
+        seed·1000003 + the image's position in x). clean_logits (detached) spare the kl loss a
+        clean forward."""
         if self.is_clean:
             return x.detach()
         if self.attack == "fgsm":
@@ -108,4 +125,19 @@ class ThreatModel:
             return pgd(model, x, y, self.eps, self.step_size, self.steps, norm=self.norm, loss=self.loss,
                        random_start=self.random_start, restarts=self.restarts, seeds=seeds,
                        clean_logits=clean_logits)
-        return autoattack(model, x, y, self.eps, norm=self.norm, version=self.aa_version, seed=seed)
+        if seeds is None:   # still one run per image; without the engine's seeds, by position in x
+            seeds = [seed * 1_000_003 + i for i in range(x.shape[0])]
+        return autoattack(model, x, y, self.eps, norm=self.norm, version=self.aa_version, seeds=seeds)
+
+
+def _quote(value: Any) -> str:
+    """A user's value for a one-line message: repr, at most ~80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_finite(name: str, value: Any) -> None:
+    """eps and alpha must be real, finite numbers: NaN would turn every adversarial pixel into NaN
+    and its prediction into a silent 0% robust accuracy; infinity is no budget."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {_quote(value)}")
