@@ -35,9 +35,10 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from .. import messages
 from ..errors import ModelError
 
-_QUOTE_LIMIT = 200          # longest piece of file content or exception text an error message quotes
+_QUOTE_LIMIT = messages.LIMIT          # longest piece of file content or exception text an error message quotes
 _MAX_STATE_ENTRIES = 1_000_000
 _MAX_DEPTH = 256            # module nesting; deeper (or cyclic) trees are corrupt or hostile
 _MAX_INFLATION = 64         # a compressed zip member may expand at most this much (zip bombs)
@@ -49,8 +50,7 @@ CONVERT_HINT = ("convert it to a state dict where you trust the file: python -c 
 
 def one_line(text: Any, limit: int = _QUOTE_LIMIT) -> str:
     """`text` as a single line of at most `limit` characters (for quoting in error messages)."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+    return messages.one_line(str(text), limit)
 
 
 class _Refused(Exception):
