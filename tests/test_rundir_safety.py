@@ -238,6 +238,26 @@ def test_wait_for_lock_waits_for_the_holder(tmp_path, capsys):
     assert m["n"] == 5 and f"waiting for PID {proc.pid}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_every_process_of_a_distributed_run_gets_the_refusal(tmp_path):
+    """Only the main process claims the directory; the others receive its refusal and exit with
+    the same one-line error instead of waiting at a barrier."""
+    run = tmp_path / "run"
+    proc = _holder(run, 300)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    try:
+        dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "robustprompt", "eval", "--subset", "4", "--steps", "1", "--no-progress",
+                               "--device", "cpu", "--out", str(run)], env=env, capture_output=True, text=True,
+                              timeout=240)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert dist.returncode != 0
+    lines = [ln for ln in dist.stderr.splitlines() if "robustprompt eval: error:" in ln]
+    assert len(lines) == 2 and all(f"PID {proc.pid}" in ln for ln in lines), dist.stderr[-2000:]
+
+
 def test_part_files_of_another_configuration_are_never_read(tmp_path, monkeypatch):
     ref = tmp_path / "ref"
     evaluate(_cfg(), ref, progress=False)

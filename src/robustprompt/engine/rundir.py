@@ -544,4 +544,4 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
             if a.get(k) != b.get(k):
                 return _first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else k)
     hint = next((h for k, h in _HINTS.items() if where.startswith(k)), None)
-    return f"{where or 'config'}: {_short(a)} there, {_short(b)} now" + (f" — {hint}" if hint else "")
+    return f"{where[:200] or 'config'}: {_short(a)} there, {_short(b)} now" + (f" — {hint}" if hint else "")
