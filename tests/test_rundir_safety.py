@@ -416,6 +416,11 @@ def test_non_finite_optimiser_settings_are_refused():
                 _tiny_train(**{f"optim.{key}": bad})
 
 
+def test_negative_training_workers_are_refused():
+    with pytest.raises(ConfigError, match="data.workers must be >= 0, got -1"):
+        _tiny_train(**{"data.workers": -1})
+
+
 def _train3(**over):
     return _tiny_train(**{"method.name": "ivlp", "data.batch_size": 5, "data.augment": "flip", "optim.epochs": 3,
                           "model.prompt": {"depth": 1, "n_ctx": 2}, **over})
