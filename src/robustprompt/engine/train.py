@@ -413,7 +413,8 @@ def _usable_checkpoints(run: RunDir, is_main: bool) -> tuple[list[dict], Optiona
     ckdir = run.path / "checkpoints"
     if not ckdir.is_dir():
         return [], None
-    numbers = sorted(int(p.stem.split("-")[1]) for p in ckdir.glob("epoch-*.json") if p.stem.split("-")[1].isdigit())
+    stems = [p.stem.split("-")[1] for p in ckdir.glob("epoch-*.json")]
+    numbers = sorted(int(s) for s in stems if s.isdigit())
     history: list[dict] = []
     tensors: Optional[dict] = None
     for epoch in range(len(numbers)):
