@@ -38,9 +38,14 @@ def small_budgets(monkeypatch, attacks=None, square_queries=60):
 
 
 @pytest.fixture(scope="module")
-def four_class(tiny_backbone):
-    """rp-tiny over 4 classes, 8 random images and the labels it predicts for them (all clean-correct)."""
-    clf = PromptedClassifier(tiny_backbone, ["a", "b", "c", "d"])
+def four_class():
+    """rp-tiny (its own copy, weights from seed 0) over 4 classes, 8 random images and the labels
+    it predicts for them (all clean-correct)."""
+    from robustprompt.models import load_backbone
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        clf = PromptedClassifier(load_backbone("rp-tiny"), ["a", "b", "c", "d"])
     x = torch.rand(N_IMAGES, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = clf(x).argmax(1)
@@ -150,11 +155,12 @@ def test_resumed_and_rebatched_autoattack_runs_equal_one_run(tmp_path, monkeypat
     monkeypatch.setattr(ThreatModel, "run", caught)
 
     def go(name, batch_size):
-        torch.manual_seed(0)   # rp-tiny's random weights come from the global generator: the same model each time
         data = DataSpec(dataset=f"imagefolder:{root}", batch_size=batch_size)
         cfg = EvalConfig(model=ModelSpec(name="rp-tiny"), data=data, attack=AttackSpec(attack="autoattack", eps=5),
                          device="cpu")
-        return evaluate(cfg, tmp_path / name, progress=False)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)   # rp-tiny's random weights come from the global generator: the same model each time
+            return evaluate(cfg, tmp_path / name, progress=False)
 
     whole = go("whole", 8)
     rebatched = go("rebatched", 3)
@@ -225,7 +231,8 @@ def test_two_processes_give_the_autoattack_examples_of_one(tmp_path):
     # one thread per process: two processes share 2 cores without their thread pools fighting
     env = {**os.environ, "PYTHONPATH": str(Path(tests).parent / "src"), "OMP_NUM_THREADS": "1"}
     examples = {}
-    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+    two = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for name, launcher in (("one", []), ("two", two)):
         (tmp_path / f"ex-{name}").mkdir()
         script = tmp_path / f"eval_{name}.py"
         script.write_text(SHARD_SCRIPT.format(tests=tests, examples=str(tmp_path / f"ex-{name}")))
@@ -277,6 +284,15 @@ def test_threat_model_rejects_bad_budgets(kwargs, message):
 def test_from_255_rejects_bad_budgets(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         ThreatModel.from_255(**kwargs)
+
+
+@pytest.mark.parametrize("version,classes,least", [("rand", 2, 3), ("plus", 3, 4), ("standard", 3, 4)])
+def test_too_few_classes_for_the_version(tiny_backbone, version, classes, least):
+    """pyautoattack would index past the logits (an IndexError deep inside its DLR losses)."""
+    clf = PromptedClassifier(tiny_backbone, ["a", "b", "c", "d"][:classes])
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match=f"AutoAttack '{version}' needs at least {least} classes"):
+        ThreatModel.from_255(4, attack="autoattack", aa_version=version).run(clf, x, torch.tensor([0, 1]), seeds=[1, 2])
 
 
 def test_bad_value_in_a_message_is_capped():

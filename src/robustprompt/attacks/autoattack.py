@@ -78,10 +78,11 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     with fixed_text(model), _own_generator(x.device), _each_warning_once():
         with torch.no_grad():
             n_classes = model(x[:1]).shape[1]
-        if n_classes < _MIN_CLASSES[version]:
-            raise ConfigError(f"AutoAttack {version!r} needs at least {_MIN_CLASSES[version]} classes (its DLR "
-                              f"losses use the {_MIN_CLASSES[version]}th-largest logit); this task has "
-                              f"{n_classes}. Use PGD instead.")
+        least = _MIN_CLASSES[version]
+        if n_classes < least:
+            raise ConfigError(f"AutoAttack {version!r} needs at least {least} classes (its DLR loss uses the "
+                              f"{'3rd' if least == 3 else '4th'}-largest logit); this task has {n_classes}. "
+                              "Use PGD instead.")
         if seeds is None:
             return _run(model, x, y, eps, norm, version, n_classes, seed, batch_size)
         # one image at a time: see the module docstring for what a shared call would couple
