@@ -132,6 +132,55 @@ def _full_disk(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
     monkeypatch.setattr(os, "fsync", full)
 
 
+def _evil_torchscript(tmp: Path) -> None:
+    """A TorchScript archive whose __setstate__ (run by torch.jit.load) would create {tmp}/pwned."""
+    import torch
+    from test_load_safety import _Evil
+
+    torch.jit.script(_Evil(str(tmp / "pwned"), torch.ones(2, 2))).save(str(tmp / "evil.pt"))
+
+
+class _WritesMarker:
+    """A pickle whose __reduce__ would create a marker file when unpickled with code allowed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _evil_pickle(tmp: Path) -> None:
+    import torch
+
+    torch.save({"visual.proj": _WritesMarker(str(tmp / "pwned"))}, str(tmp / "evil.pt"))
+
+
+_TINY_RUN_CONFIG = ("kind: train\nseed: 0\nmethod: {name: coop}\ndata: {shots: 1}\n"
+                    "model: {name: rp-tiny, prompt: {coupling: independent, n_ctx: 2, depth: 1}}\n")
+
+
+def _foreign_folder(tmp: Path) -> None:
+    """A user's folder that happens to hold a config.yaml (a repository root, say)."""
+    (tmp / "repo").mkdir()
+    (tmp / "repo" / "config.yaml").write_text("project: my-paper\nlr: 0.1\n")
+    (tmp / "repo" / "important.txt").write_text("the user's work\n")
+
+
+_HELD_LOCKS: list = []
+
+
+def _locked_out(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:  # noqa: ARG001
+    """Another robustprompt process holds {tmp}/out (a second flock on the lock file conflicts
+    even within one process: flock locks belong to the open file)."""
+    from robustprompt.engine.rundir import DirLock
+
+    (tmp / "out").mkdir()
+    lock = DirLock(tmp / "out")
+    lock.acquire()
+    _HELD_LOCKS.append(lock)
+
+
 # ----------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Case:
@@ -143,6 +192,8 @@ class Case:
     patch: Optional[Callable[[pytest.MonkeyPatch, Path], None]] = None
     seconds: float = 30.0                       # the case must end within this wall time
     marks: tuple = ()
+    absent: str = ""                            # a path that must not exist afterwards (an attacker's marker)
+    kept: str = ""                              # a path of the user's that must still exist afterwards
 
 
 CASES: list[Case] = [
@@ -228,6 +279,33 @@ CASES: list[Case] = [
     Case("explain-out-under-file", EXPLAIN + " --image example --out {tmp}/file/e.png", "cannot write {tmp}/file",
          setup=_write("file", "x")),
 
+    # §1 checkpoints are data: nothing in them runs
+    Case("pretrained-torchscript-setstate", EVAL + " --pretrained {tmp}/evil.pt",
+         "cannot read without running its code", setup=_evil_torchscript, absent="pwned"),
+    Case("pretrained-pickle-with-code", EVAL + " --pretrained {tmp}/evil.pt",
+         "only running code could rebuild", setup=_evil_pickle, absent="pwned"),
+    Case("pretrained-empty-file", EVAL + " --pretrained {tmp}/w.pt", "empty file (0 bytes)", setup=_write("w.pt", b"")),
+    Case("pretrained-text-file", EVAL + " --pretrained {tmp}/w.pt", "not a PyTorch checkpoint",
+         setup=_write("w.pt", "101 not a checkpoint\n")),
+    Case("device-bogus", EVAL + " --device bogus", "--device 'bogus' is not a device"),
+    Case("run-empty-config", EVAL + " --run {tmp}/r", "config.yaml",
+         setup=_setups(_write("r/config.yaml", ""), _write("r/prompts.safetensors", b"garbage"))),
+    Case("run-corrupt-prompts", EVAL + " --run {tmp}/r", "cannot read prompts",
+         setup=_setups(_write("r/config.yaml", _TINY_RUN_CONFIG), _write("r/prompts.safetensors", b"garbage"))),
+
+    # §2-§4, §7 run directories
+    Case("out-is-a-users-folder", EVAL.replace("{tmp}/out", "{tmp}/repo"), "is not a robustprompt run directory",
+         setup=_foreign_folder, kept="repo/important.txt"),
+    Case("overwrite-a-users-folder", EVAL.replace("{tmp}/out", "{tmp}/repo") + " --overwrite",
+         "is not a robustprompt run directory", setup=_foreign_folder, kept="repo/important.txt"),
+    Case("out-is-a-file", EVAL.replace("{tmp}/out", "{tmp}/file"), "is an existing file, not a folder",
+         setup=_write("file", "x"), kept="file"),
+    Case("out-in-use", EVAL, "is in use by another robustprompt process (PID", patch=_locked_out),
+    Case("seed-negative", EVAL + " --seed -1", "seed must be an integer from 0 to 2147483647"),
+    Case("seed-huge", EVAL + " --seed 9223372036854775808", "seed must be an integer from 0 to 2147483647"),
+    Case("tta-defence-seed-huge", TTA + " --defence-seed 4294967296", "seed must be an integer from 0 to"),
+    Case("train-seed-negative", TRAIN + " --seed -5", "seed must be an integer from 0 to 2147483647"),
+
     # CLI surface
     Case("verbose-after-command", "methods -v", "coop", rc=0),
     Case("argparse-error-one-line", EVAL + " --workers lots", "argument --workers: invalid int value"),
@@ -294,6 +372,33 @@ def test_bad_input(case: Case, finished, tmp_path, capsys, monkeypatch):
         assert not list(tmp_path.rglob("metrics.json"))  # a refused command records no result
     assert elapsed < case.seconds
     assert _snapshot(finished["base"]) == finished["snapshot"]  # the earlier run is untouched
+    if case.absent:
+        assert not (tmp_path / case.absent).exists()
+    if case.kept:
+        assert (tmp_path / case.kept).exists()
+
+
+@pytest.fixture(autouse=True)
+def _release_held_locks():
+    yield
+    while _HELD_LOCKS:
+        _HELD_LOCKS.pop().release()
+
+
+def test_wait_flag_waits_for_the_holder(finished, tmp_path, capsys):
+    """--wait: the command waits for the process holding --out, then runs."""
+    import threading
+
+    from robustprompt.engine.rundir import DirLock
+
+    (tmp_path / "out").mkdir()
+    lock = DirLock(tmp_path / "out")
+    lock.acquire()
+    threading.Timer(1.0, lock.release).start()
+    argv = shlex.split(EVAL.format(tmp=tmp_path, folder=finished["folder"])) + ["--wait"]
+    assert run_cli(argv) == 0
+    out, err = capsys.readouterr()
+    assert "waiting for PID" in err and "clean accuracy" in out
 
 
 # ----------------------------------------------------------------------------- beyond the table

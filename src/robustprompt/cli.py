@@ -82,7 +82,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 …")
     g.add_argument("--out", help="run directory (default: runs/<command>/<dataset>-<model>-<hash>)")
-    g.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a different run in --out (only files robustprompt wrote are deleted)")
+    g.add_argument("--wait", action="store_true",
+                   help="if another process is running in --out, wait for it instead of refusing")
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -141,7 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         budget = {k: v for k, v in attack.items() if k in ("norm", "eps")}
         raw["also"] = [*also, *({"attack": a, **budget} for a in args.also)]
     cfg = from_dict(EvalConfig, raw, args.config or "config")
-    metrics = evaluate(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    metrics = evaluate(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress)
     if metrics is not None:
         print_metrics(metrics)
     return 0
@@ -167,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                              TRAIN_ATTACK_FLAGS, RUN_FLAGS))
     add_params(raw, args.param)
     cfg = train_config_from_dict(raw, args.config or "config")
-    metrics = train(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    metrics = train(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress)
     if metrics is not None:
         print_train_summary(metrics)
     return 0
@@ -206,7 +209,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if grid:
             overrides["grid"] = grid
     cfg = load_experiment(args.config, overrides)
-    summary = run_experiment(cfg, args.out, progress=not args.no_progress, where=args.config)
+    summary = run_experiment(cfg, args.out, progress=not args.no_progress, where=args.config,
+                             wait_for_lock=args.wait)
     if summary is not None:
         print(summary["markdown"])
     return 0
@@ -228,7 +232,7 @@ def cmd_tta(args: argparse.Namespace) -> int:
         raw["adaptive"] = True
     add_params(raw, args.param)
     cfg = from_dict(TTAConfig, raw, args.config or "config")
-    metrics = run_tta(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    metrics = run_tta(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress)
     if metrics is not None:
         print_metrics(metrics)
     return 0
@@ -398,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a dotted key, e.g. train.data.root=/data (pins grid keys); repeatable")
     p.add_argument("--out", help="experiment folder (default runs/experiments/<name>)")
     p.add_argument("--device")
+    p.add_argument("--wait", action="store_true",
+                   help="if another process is running in --out, wait for it instead of refusing")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_run)
 

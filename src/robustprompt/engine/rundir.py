@@ -155,9 +155,11 @@ def _read_marker(path: Path) -> Optional[dict]:
 
 
 def _read_yaml(file: Path) -> Optional[dict]:
+    from ..config import parse_yaml  # bounded: a tampered run folder cannot alias-bomb us
+
     try:
-        data = yaml.safe_load(file.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
+        data = parse_yaml(file.read_text(), str(file))
+    except (OSError, ValueError, yaml.YAMLError, RobustPromptError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -224,7 +226,7 @@ class DirLock:
                         raise ConfigError(f"{str(self.file.parent)[:200]} is in use by another robustprompt "
                                           f"process ({self.holder()}); two runs in one directory would mix "
                                           "their results — rerun when it has finished, or ask to wait for "
-                                          "it (wait_for_lock)")
+                                          "it (--wait; wait_for_lock=True in Python)")
                     if not announced:
                         print(f"waiting for {self.holder()} to finish with {str(self.file.parent)[:200]}",
                               file=sys.stderr, flush=True)
