@@ -137,7 +137,14 @@ def _quote(value: Any) -> str:
 
 
 def _check_finite(name: str, value: Any) -> None:
-    """eps and alpha must be real, finite numbers: NaN would turn every adversarial pixel into NaN
-    and its prediction into a silent 0% robust accuracy; infinity is no budget."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {_quote(value)}")
+    """eps and alpha must be real, finite numbers: NaN passes every range check written as a
+    comparison and would turn every adversarial pixel into NaN (a silent 0% robust accuracy);
+    infinity is no budget. Worded as the config's own check (`robustprompt.config.finite`)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ConfigError(f"{name}: expected a number, got {_quote(value)}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:   # an integer beyond float range
+        finite = False
+    if not finite:
+        raise ConfigError(f"{name}: {_quote(value)} is not a finite number")
