@@ -68,7 +68,7 @@ CASES = {"standard": dict(attacks=None, eps=3), "square": dict(attacks=["square"
 def test_example_does_not_depend_on_batching_or_order(case, four_class, monkeypatch):
     small_budgets(monkeypatch, CASES[case]["attacks"])
     clf, x, y = four_class
-    threat = ThreatModel.from_255(CASES[case]["eps"], attack="autoattack")
+    threat = ThreatModel.from_255(CASES[case]["eps"], attack="autoattack", aa_chunk=1)   # per image
     alone = in_batches(threat, clf, x, y, SEEDS, 1)
     with torch.no_grad():
         fooled = clf(alone).argmax(1) != y
@@ -98,8 +98,23 @@ def test_autoattack_leaves_the_global_generator_alone(four_class, monkeypatch):
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_describe_records_per_image_seeding():
-    d = ThreatModel.from_255(4, attack="autoattack").describe(10)
+def test_chunks_are_attacked_as_units(four_class, monkeypatch):
+    """aa_chunk=4: a chunk's examples depend only on the chunk (and its first seed), not on what
+    else is in the batch; they differ from the per-image examples (the chunk is the unit)."""
+    small_budgets(monkeypatch, CASES["square"]["attacks"])
+    clf, x, y = four_class
+    threat = ThreatModel.from_255(CASES["square"]["eps"], attack="autoattack", aa_chunk=4)
+    whole = threat.run(clf, x, y, seeds=SEEDS)
+    parts = torch.cat([threat.run(clf, x[:4], y[:4], seeds=SEEDS[:4]), threat.run(clf, x[4:], y[4:], seeds=SEEDS[4:])])
+    assert torch.equal(whole, parts)
+    per_image = ThreatModel.from_255(CASES["square"]["eps"], attack="autoattack", aa_chunk=1).run(clf, x, y, seeds=SEEDS)
+    assert not torch.equal(whole, per_image)
+
+
+def test_describe_records_the_seeding():
+    assert ThreatModel.from_255(4, attack="autoattack").describe(10)["autoattack"]["seeding"].startswith(
+        "per chunk of 64 consecutive images")
+    d = ThreatModel.from_255(4, attack="autoattack", aa_chunk=1).describe(10)
     assert d["autoattack"]["seeding"] == "per image"
     assert d["autoattack"]["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert ThreatModel.from_255(4, attack="autoattack", aa_version="rand").describe(10)["autoattack"]["attacks"] \
@@ -132,11 +147,12 @@ def _records(run):
     return [{k: v for k, v in r.items() if k != "sec"} for r in rows]
 
 
-def test_resumed_and_rebatched_autoattack_runs_equal_one_run(tmp_path, monkeypatch):
-    """evaluate() with AutoAttack at batch size 8, at batch size 3, and killed after its first batch of
-    3 then resumed at batch size 5: the same records, and the same example for every image (caught
-    on its way out of ThreatModel.run, keyed by the image's seed, which the engine derives from its
-    index)."""
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_resumed_and_rebatched_autoattack_runs_equal_one_run(tmp_path, monkeypatch, chunk):
+    """evaluate() with AutoAttack (per image, or in chunks of 3 images) at batch size 8, at batch
+    size 3, and killed while writing its second batch (one record of it written: a torn chunk) then
+    resumed at batch size 5: the same records, and the same example for every image (caught on its
+    way out of ThreatModel.run, keyed by the image's seed, which the engine derives from its index)."""
     from robustprompt.config import AttackSpec, DataSpec, ModelSpec
     from robustprompt.engine import rundir
     from robustprompt.engine.evaluate import EvalConfig, evaluate
@@ -156,8 +172,8 @@ def test_resumed_and_rebatched_autoattack_runs_equal_one_run(tmp_path, monkeypat
 
     def go(name, batch_size):
         data = DataSpec(dataset=f"imagefolder:{root}", batch_size=batch_size)
-        cfg = EvalConfig(model=ModelSpec(name="rp-tiny"), data=data, attack=AttackSpec(attack="autoattack", eps=5),
-                         device="cpu")
+        cfg = EvalConfig(model=ModelSpec(name="rp-tiny"), data=data,
+                         attack=AttackSpec(attack="autoattack", eps=5, aa_chunk=chunk), device="cpu")
         with torch.random.fork_rng():
             torch.manual_seed(0)   # rp-tiny's random weights come from the global generator: the same model each time
             return evaluate(cfg, tmp_path / name, progress=False)
@@ -169,7 +185,8 @@ def test_resumed_and_rebatched_autoattack_runs_equal_one_run(tmp_path, monkeypat
     def dying(self, rank, records):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt   # killed after the first batch of 3 was written
+            original(self, rank, list(records)[:1])
+            raise KeyboardInterrupt   # killed while writing the second batch: one record of it made it
         original(self, rank, records)
 
     monkeypatch.setattr(rundir.RunDir, "append_records", dying)
@@ -227,7 +244,7 @@ def test_two_processes_give_the_autoattack_examples_of_one(tmp_path):
     # the demo backbone gets most images right, so attacked images sit on both sides of the shard
     # boundary (12); and shards of 12 cut batches of 5 where one process does not
     args = ["eval", "--model", "demo", "--dataset", "fashion_mnist", "--subset", "24", "--attack", "autoattack",
-            "--eps", "2", "--batch-size", "5", "--device", "cpu", "--no-progress"]
+            "--eps", "2", "--aa-chunk", "3", "--batch-size", "5", "--device", "cpu", "--no-progress"]
     # one thread per process: two processes share 2 cores without their thread pools fighting
     env = {**os.environ, "PYTHONPATH": str(Path(tests).parent / "src"), "OMP_NUM_THREADS": "1"}
     examples = {}

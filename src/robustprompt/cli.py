@@ -32,7 +32,7 @@ DATA_FLAGS = {
 ATTACK_FLAGS = {
     "attack": "attack.attack", "norm": "attack.norm", "eps": "attack.eps", "alpha": "attack.alpha",
     "steps": "attack.steps", "restarts": "attack.restarts", "loss": "attack.loss",
-    "no_random_start": "attack.random_start",
+    "no_random_start": "attack.random_start", "aa_chunk": "attack.aa_chunk",
 }
 RUN_FLAGS = {"seed": "seed", "device": "device"}
 
@@ -74,6 +74,8 @@ def add_attack_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--restarts", type=int)
     g.add_argument("--loss", choices=["ce", "kl", "dlr"])
     g.add_argument("--no-random-start", action="store_const", const=False, default=None)
+    g.add_argument("--aa-chunk", type=int, help="AutoAttack: images per seeded run (default 64; 1 = per image); "
+                                              "results are exact across batch sizes, resumes and processes")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .attacks.threat import ThreatModel
+from .attacks.threat import AA_CHUNK, ThreatModel
 from .errors import ConfigError
 from .messages import one_line, quote
 from .models.prompts import PromptConfig
@@ -152,7 +152,8 @@ def _onto_field_default(f: dataclasses.Field, value: Any) -> Any:
 def to_dict(obj: Any) -> Any:
     """Dataclasses → plain dicts/lists suitable for YAML/JSON."""
     if is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+        omit = obj.omitted_fields() if hasattr(obj, "omitted_fields") else ()
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj) if f.name not in omit}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -357,6 +358,7 @@ class AttackSpec:
     loss: str = "ce"
     random_start: bool = True
     aa_version: str = "standard"
+    aa_chunk: int = AA_CHUNK            # AutoAttack: images per seeded pyautoattack run (1: per image)
 
     def __post_init__(self) -> None:
         # finite first (also when built in Python, without from_dict): NaN passes every comparison
@@ -368,7 +370,11 @@ class AttackSpec:
     def threat(self) -> ThreatModel:
         return ThreatModel.from_255(self.eps, self.alpha, attack=self.attack, norm=self.norm, steps=self.steps,
                                     restarts=self.restarts, loss=self.loss, random_start=self.random_start,
-                                    aa_version=self.aa_version)
+                                    aa_version=self.aa_version, aa_chunk=self.aa_chunk)
+
+    def omitted_fields(self) -> tuple[str, ...]:
+        """aa_chunk means nothing to other attacks: kept out of their records (and run identity)."""
+        return () if self.attack == "autoattack" else ("aa_chunk",)
 
 
 def replace(obj: Any, **changes: Any) -> Any:

@@ -118,7 +118,7 @@ def _autoattack_column(out: Path, summary: dict, ablation: dict, progress: bool,
     cells = {}
     for name, model in models.items():
         m = evaluate(EvalConfig(model=model, data=data, attack=attack, also=also, device=device),
-                     out / "autoattack" / name, progress=progress)
+                     out / "pgd-and-autoattack" / name, progress=progress)
         acc = {a["key"]: a["acc"] for a in m["attacks"]}
         cells[name] = [f"{acc['pgd']:.1f}", f"{acc['autoattack']:.1f}", f"{m['robust_acc']:.1f}"]
     return cells

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from .identity import model_fingerprint, split_fingerprint
 from .runtime import process_state
 from .rundir import RunDir, check_out_dir, config_hash
-from .sharded import run_per_image
+from .sharded import aa_chunk, run_per_image
 from .tasks import Task, load_task, method_of
 
 SEED_LIMIT = 2**31   # seeds live in [0, 2**31): numpy, torch and every derived seed take them
@@ -140,6 +140,7 @@ def _evaluate(cfg: EvalConfig, run: RunDir, state, device, task: Task, progress:
 
     records = run_per_image(run, state, task.split, task.indices, transform, process,
                             batch_size=cfg.data.batch_size, workers=cfg.data.workers,
+                            chunk=aa_chunk(threats.values()),
                             desc=f"eval {cfg.data.dataset} {threat.short()}"
                                  + (f" + {len(threats) - 1} more" if len(threats) > 1 else ""), progress=progress)
     if records is None:

@@ -486,6 +486,16 @@ class RunDir:
         self.mismatched = sorted(mismatched - set(out))
         return out
 
+    def rewrite_records(self, records: dict[int, dict]) -> None:
+        """Replace this configuration's part files by one holding exactly `records` (atomically
+        written first, then the other part files dropped): records that must be redone are gone."""
+        body = "".join(json.dumps(records[i]) + "\n" for i in sorted(records))
+        atomic_write_text(self.part_file(0), body)
+        for f in self._part_files():
+            if f != self.part_file(0):
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+
     def append_records(self, rank: int, records: Iterable[dict]) -> None:
         lines = "".join(json.dumps(r) + "\n" for r in records)
         if not lines:

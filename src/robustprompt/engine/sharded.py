@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -12,6 +12,17 @@ from tqdm.auto import tqdm
 
 from ..data.base import Split
 from .rundir import RunDir
+
+def aa_chunk(threats: Iterable) -> Optional[int]:
+    """The chunk size the per-image loop must keep whole when an AutoAttack is among `threats`
+    (ThreatModels), else None. Two AutoAttacks with different chunk sizes cannot both be aligned."""
+    sizes = {t.aa_chunk for t in threats if t.attack == "autoattack" and not t.is_clean}
+    if len(sizes) > 1:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"AutoAttacks with different aa_chunk ({sorted(sizes)}) in one run; use one chunk size")
+    return sizes.pop() if sizes else None
+
 
 BatchFn = Callable[[torch.Tensor, torch.Tensor, list[int]], list[dict]]
 
@@ -42,6 +53,7 @@ def run_per_image(
     workers: int = 0,
     desc: str = "",
     progress: bool = True,
+    chunk: Optional[int] = None,
 ) -> Optional[dict[int, dict]]:
     """Run `process_batch` over every index not yet recorded in `run`, this process's share only.
 
@@ -49,6 +61,12 @@ def run_per_image(
     `split_between_processes`, no padding, no repeats). A kept record must name the image the
     split now has at its index (`id`); one that does not is redone, with a warning. Returns all
     records on the main process once every process is done (None elsewhere).
+
+    chunk: work in fixed chunks of this many consecutive images of `indices` instead (for an
+    attack whose example depends on the images it is run with, AutoAttack): each batch is one
+    whole chunk, chunks are resumed and sharded whole, and the records of a chunk that was only
+    partly recorded (a kill mid-write) are discarded and the chunk redone, so every image is
+    attacked with the same neighbours whatever the batch size, resume point or process count.
     """
     done = run.load_records(ids=split.ids)
     wanted = set(indices)
@@ -56,13 +74,29 @@ def run_per_image(
     if stale and state.is_main_process:
         print(f"warning: {len(stale)} recorded images of {run.path} no longer match the images at their "
               f"indices (first: index {stale[0]}); redoing them", file=sys.stderr, flush=True)
-    remaining = [i for i in indices if i not in done]
+    if chunk is None:
+        remaining = [i for i in indices if i not in done]
+        units: list[list[int]] = [[i] for i in remaining]
+    else:
+        chunks = [list(indices[s:s + chunk]) for s in range(0, len(indices), chunk)]
+        units = [c for c in chunks if any(i not in done for i in c)]
+        partial = [i for c in units for i in c if i in done]
+        if partial and state.is_main_process:   # keep only whole chunks' records, then redo the rest
+            run.rewrite_records({i: r for i, r in done.items() if i not in set(partial)})
+        remaining = [i for c in units for i in c]
     # every process must shard the same list: nobody writes before everybody has read
     state.wait_for_everyone()
-    with state.split_between_processes(remaining) as mine:
-        mine = list(mine)
-    loader = DataLoader(IndexedImages(split, mine, transform), batch_size=batch_size, shuffle=False,
-                        num_workers=workers)
+    with state.split_between_processes(units) as mine_units:
+        mine_units = list(mine_units)
+    mine = [i for u in mine_units for i in u]
+    if chunk is None:
+        batches = [list(range(s, min(s + batch_size, len(mine)))) for s in range(0, len(mine), batch_size)]
+    else:
+        starts = [0]
+        for u in mine_units:
+            starts.append(starts[-1] + len(u))
+        batches = [list(range(a, b)) for a, b in zip(starts, starts[1:])]
+    loader = DataLoader(IndexedImages(split, mine, transform), batch_sampler=batches, num_workers=workers)
     if state.num_processes > 1:
         desc = f"{desc} [process {state.process_index + 1}/{state.num_processes}]"
     if len(remaining) < len(indices) and state.is_main_process and progress:

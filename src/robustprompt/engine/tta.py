@@ -40,7 +40,7 @@ from ..tta.procedures import build_procedure, procedure_class
 from .evaluate import check_seed, environment, eval_identity, image_seed
 from .runtime import process_state
 from .rundir import RunDir, check_out_dir, config_hash
-from .sharded import run_per_image
+from .sharded import aa_chunk, run_per_image
 from .tasks import Task, load_task, method_of
 
 # TPT's prompt: 4 learnable text tokens initialised from "a photo of a", one block.
@@ -295,7 +295,8 @@ def _run_tta(cfg: TTAConfig, run: RunDir, state, device, task: Task, procedure, 
     modes = cfg.randomness_modes
     desc = f"tta {procedure.name} {cfg.data.dataset} {threat.short()}{' adaptive ' + '+'.join(modes) if modes else ''}"
     records = run_per_image(run, state, task.split, task.indices, task.transform(clf.image_size), process,
-                            batch_size=cfg.data.batch_size, workers=cfg.data.workers, desc=desc, progress=progress)
+                            batch_size=cfg.data.batch_size, workers=cfg.data.workers, desc=desc, progress=progress,
+                            chunk=aa_chunk([cfg.attack.threat()]))
     if records is None:
         return None
     recs = list(records.values())
