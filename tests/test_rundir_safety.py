@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from robustprompt.config import set_dotted
 import torch
 import yaml
 from PIL import Image
@@ -325,11 +327,7 @@ def _tiny_train(**over):
            "data": {"dataset": "fashion_mnist", "shots": 1, "batch_size": 10, "augment": "none"},
            "optim": {"epochs": 1, "warmup_epochs": 0, "lr": 0.01}, "device": "cpu"}
     for k, v in over.items():
-        node = raw
-        *path, last = k.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = v
+        set_dotted(raw, k, v)
     return train_config_from_dict(raw)
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from robustprompt.config import set_dotted
 import torch
 import yaml
 from PIL import Image
@@ -30,11 +32,7 @@ def demo_cfg(method, **over):
            "data": {"dataset": "fashion_mnist", "shots": 2, "batch_size": 10, "augment": "flip"},
            "optim": {"epochs": 2, "lr": 0.01}, "train_attack": {"eps": 4, "alpha": 2, "steps": 2}, "device": "cpu"}
     for k, v in over.items():
-        node = raw
-        *path, last = k.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = v
+        set_dotted(raw, k, v)
     return train_config_from_dict(raw)
 
 

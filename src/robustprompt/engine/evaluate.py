@@ -17,7 +17,7 @@ import torch
 from .. import __version__
 from ..api import classifier_from_spec, resolved_prompt
 from ..attacks.threat import ThreatModel
-from ..config import AttackSpec, DataSpec, ModelSpec, to_dict
+from ..config import SEED_LIMIT, AttackSpec, DataSpec, ModelSpec, to_dict
 from ..errors import ConfigError
 from .identity import model_fingerprint, split_fingerprint
 from .runtime import process_state
@@ -25,7 +25,6 @@ from .rundir import RunDir, check_out_dir, config_hash
 from .sharded import aa_chunk, run_per_image
 from .tasks import Task, load_task, method_of
 
-SEED_LIMIT = 2**31   # seeds live in [0, 2**31): numpy, torch and every derived seed take them
 
 
 @dataclass
