@@ -80,9 +80,9 @@ def run_per_image(
     else:
         chunks = [list(indices[s:s + chunk]) for s in range(0, len(indices), chunk)]
         units = [c for c in chunks if any(i not in done for i in c)]
-        partial = [i for c in units for i in c if i in done]
+        partial = {i for c in units for i in c if i in done}
         if partial and state.is_main_process:   # keep only whole chunks' records, then redo the rest
-            run.rewrite_records({i: r for i, r in done.items() if i not in set(partial)})
+            run.rewrite_records({i: r for i, r in done.items() if i not in partial})
         remaining = [i for c in units for i in c]
     # every process must shard the same list: nobody writes before everybody has read
     state.wait_for_everyone()
