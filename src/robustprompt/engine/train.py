@@ -460,7 +460,7 @@ def _finish(run: RunDir, clf, method: Method, cfg: TrainConfig, dataset, indices
     extra = method.extra_state()
     if extra:  # e.g. APD's teacher prompts: kept, but not part of the trained classifier
         atomic_save_tensors(run.path / "method_state.safetensors", extra)
-    atomic_save_tensors(run.path / "prompts.safetensors", clf.prompt_state_dict())
+    _write_prompt_file(run, clf, method, cfg, dataset, few_shot_source)
     metrics = {
         "kind": "train",
         "method": method.name,
@@ -483,6 +483,21 @@ def _finish(run: RunDir, clf, method: Method, cfg: TrainConfig, dataset, indices
     run.write_json("metrics.json", metrics)
     state.wait_for_everyone()
     return metrics
+
+
+def _write_prompt_file(run: RunDir, clf: PromptedClassifier, method: Method, cfg: TrainConfig, dataset,
+                       few_shot_source: Optional[str]) -> None:
+    """prompts.safetensors with its own description (models.prompt_file): enough to rebuild the
+    classifier from the file alone, and to refuse it on other backbone weights."""
+    from ..models.prompt_file import write_prompts
+
+    write_prompts(run.path / "prompts.safetensors", clf.prompt_state_dict(), prompt=clf.prompt_cfg, model=cfg.model,
+                  classnames=clf.classnames, templates=clf.templates, method=method.name,
+                  method_params=to_dict(method.params), train_threat=method.train_threat if method.adversarial else None,
+                  dataset={"name": dataset.name, "spec": cfg.data.dataset, "classes": cfg.data.classes,
+                           "split": cfg.data.split, "shots": cfg.data.shots, "seed": cfg.seed,
+                           "few_shot_source": few_shot_source},
+                  backbone_info=clf.backbone_info)
 
 
 def train_config_from_dict(raw: dict, where: str = "config") -> TrainConfig:
