@@ -7,10 +7,11 @@
 __version__ = "0.1.0"
 
 from . import attacks  # noqa: E402
+from . import catalog  # noqa: E402
 from .api import load_classifier  # noqa: E402
 from .attacks import ThreatModel  # noqa: E402
 from .errors import RobustPromptError  # noqa: E402
 from .models import PromptConfig, PromptedClassifier, TraceSpec  # noqa: E402
 
-__all__ = ["attacks", "load_classifier", "ThreatModel", "RobustPromptError", "PromptConfig",
+__all__ = ["attacks", "catalog", "load_classifier", "ThreatModel", "RobustPromptError", "PromptConfig",
            "PromptedClassifier", "TraceSpec", "__version__"]

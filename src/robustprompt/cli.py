@@ -321,14 +321,23 @@ def cmd_pretrain_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import list_methods, method_class
+LIST_KINDS = ("models", "pretrained", "methods", "tta", "datasets", "attacks")   # = catalog.LISTS
 
-    for name in list_methods():
-        cls = method_class(name)
-        pc = cls.default_prompt
-        prompt = "no prompts" if pc.coupling == "none" else f"{pc.coupling}, n_ctx={pc.n_ctx}, depth={pc.depth}"
-        print(f"{name:10s} {'adversarial' if cls.adversarial else 'clean':11s} [{prompt}]  {cls.summary}")
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .catalog import format_lines
+
+    for line in format_lines(args.kind, model=getattr(args, "model", None)):
+        print(line)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """`robustprompt methods`: the same as `robustprompt list methods`."""
+    from .catalog import format_lines
+
+    for line in format_lines("methods"):
+        print(line)
     return 0
 
 
@@ -463,8 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  "attacks) and the figures")
     p.set_defaults(func=cmd_report)
 
-    p = command("methods", help="list the training-time methods")
+    p = command("methods", help="list the training-time methods (= list methods)")
     p.set_defaults(func=cmd_methods)
+
+    p = command("list", help="list the names that exist: " + ", ".join(LIST_KINDS),
+                description="Backbones also load as hf-hub:ORG/REPO and local-dir:PATH; datasets also as "
+                            "imagefolder:PATH and csv:PATH.")
+    p.add_argument("kind", choices=LIST_KINDS)
+    p.add_argument("--model", help="with pretrained: only this architecture's tags")
+    p.set_defaults(func=cmd_list)
 
     p = command("pretrain-demo", help="build (or verify) the embedded demo backbone")
     p.add_argument("--root", help="where Fashion-MNIST lies, if not in /usr/share/datasets/fashion-mnist")
