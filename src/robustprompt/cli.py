@@ -341,6 +341,32 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_prompts(args: argparse.Namespace) -> int:
+    from .models.dassl_import import import_prompts, read_classnames_file
+
+    templates = [args.template] if args.template else None
+    if args.dataset:
+        from .data.registry import build_dataset
+
+        ds = build_dataset(args.dataset, args.root, download=bool(args.download))
+        classnames, templates, dataset = ds.classnames, templates or [ds.templates[0]], ds.name
+    else:
+        classnames, dataset = read_classnames_file(args.classnames_file), None
+    written, imp = import_prompts(args.checkpoint, args.out, model=args.model, pretrained=args.pretrained,
+                                  quick_gelu=args.quick_gelu, classnames=classnames, templates=templates,
+                                  dataset=dataset, layout=args.layout, ctx_init=args.ctx_init,
+                                  verify=not args.no_verify, overwrite=args.overwrite)
+    p = imp.prompt
+    epoch = f", epoch {imp.epoch}" if imp.epoch is not None else ""
+    print(f"imported {imp.layout} prompts{epoch}: coupling {p.coupling}, n_ctx {p.n_ctx}, depth {p.depth}, "
+          f"text {p.text_init_mode}" + (f" {p.text_init!r}" if p.text_init else ""))
+    print("checks: " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in imp.checks.items()))
+    print(f"wrote {written}")
+    if written.name == "prompts.safetensors":
+        print(f"evaluate with: robustprompt eval --run {written.parent} --dataset ... --attack pgd")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
@@ -481,6 +507,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=LIST_KINDS)
     p.add_argument("--model", help="with pretrained: only this architecture's tags")
     p.set_defaults(func=cmd_list)
+
+    p = command("import-prompts", help="convert a CoOp / MaPLe / FAP checkpoint (Dassl model.pth.tar-N) into "
+                                       "prompts that --run and load_classifier(run=...) accept")
+    p.add_argument("checkpoint", help="the Dassl checkpoint (model.pth.tar-N, model-best.pth.tar)")
+    p.add_argument("--layout", choices=["coop", "maple", "fap"], help="the trainer that wrote it (default: detect)")
+    p.add_argument("--model", required=True, help="the open_clip architecture the prompts were trained on")
+    p.add_argument("--pretrained", help="its weights: a tag (e.g. openai) or a checkpoint file (e.g. TeCoA, FARE)")
+    p.add_argument("--quick-gelu", action="store_const", const=True, default=None)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--dataset", help="the dataset it was trained on (its class names and template)")
+    g.add_argument("--classnames-file", help="the class names it was trained on, one a line, in label order")
+    p.add_argument("--root", help="data root for --dataset")
+    p.add_argument("--download", action="store_true", help="allow downloading --dataset if it supports it")
+    p.add_argument("--template", help="the dataset template, '{}' for the class (FAP's init phrase; default: "
+                                      "the dataset's, or 'a photo of a {}.')")
+    p.add_argument("--ctx-init", help="the trainer's CTX_INIT (default: CoOp none, MaPLe 'a photo of a', FAP the "
+                                      "template); '' for none")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip comparing the checkpoint's class-prompt embeddings and frozen CLIP weights with "
+                        "--model/--pretrained and the class names")
+    p.add_argument("--out", required=True, help="folder to write (or a .safetensors prompt file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier import in --out")
+    p.set_defaults(func=cmd_import_prompts)
 
     p = command("pretrain-demo", help="build (or verify) the embedded demo backbone")
     p.add_argument("--root", help="where Fashion-MNIST lies, if not in /usr/share/datasets/fashion-mnist")
