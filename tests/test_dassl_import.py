@@ -222,7 +222,7 @@ def test_import_puts_tensors_where_the_mapping_says_and_computes_the_released_mo
             "--classnames-file", str(classes_file), "--template", TEMPLATE, "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert f"imported {layout} prompts, epoch 5" in printed and "matched 3 class prompts" in printed
+    assert f"imported {layout} prompts, epoch 5" in printed and "class prompts: matched 3 class prompts" in printed
 
     clf = _load_run(out)
     coupling, n_ctx, depth, mode = EXPECTED_PROMPT[layout]
@@ -254,6 +254,21 @@ def test_layout_is_detected_and_a_wrong_one_is_refused(backbone, tmp_path):
         wrong = "coop" if layout != "coop" else "maple"
         with pytest.raises(ModelError, match=f"holds a {layout} prompt learner, not {wrong}"):
             import_dassl(ckpt, backbone, CLASSES, layout=wrong, template=TEMPLATE)
+
+
+def test_a_shallow_maple_or_fap_checkpoint_reads_either_way_and_computes_the_same(backbone, tiny_images, tmp_path):
+    pl, state, _ = maple_checkpoint(backbone, torch.Generator().manual_seed(12), depth=1)
+    ckpt = save_dassl(tmp_path / "shallow.pth", state)
+    logits = []
+    for layout, coupling in ((None, "coupled"), ("fap", "fap")):
+        imp = import_dassl(ckpt, backbone, CLASSES, layout=layout, ctx_init="a photo of a" if layout else None)
+        assert (imp.prompt.coupling, imp.prompt.depth) == (coupling, 1)
+        clf = PromptedClassifier(backbone, CLASSES, imp.prompt, [TEMPLATE])
+        clf.load_prompt_state_dict(imp.state)
+        with torch.no_grad():
+            logits.append(clf(tiny_images))
+    assert imp.checks["class_prompts"] == "matched 3 class prompts"   # FAP read with MaPLe's words, as written
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-6, rtol=0)
 
 
 def test_a_bare_prompt_learner_state_dict_and_a_safetensors_file_import(backbone, tmp_path):

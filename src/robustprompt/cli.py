@@ -360,7 +360,7 @@ def cmd_import_prompts(args: argparse.Namespace) -> int:
     epoch = f", epoch {imp.epoch}" if imp.epoch is not None else ""
     print(f"imported {imp.layout} prompts{epoch}: coupling {p.coupling}, n_ctx {p.n_ctx}, depth {p.depth}, "
           f"text {p.text_init_mode}" + (f" {p.text_init!r}" if p.text_init else ""))
-    print("checks: " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in imp.checks.items()))
+    print("checks: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in imp.checks.items()))
     print(f"wrote {written}")
     if written.name == "prompts.safetensors":
         print(f"evaluate with: robustprompt eval --run {written.parent} --dataset ... --attack pgd")
