@@ -426,4 +426,5 @@ def test_out_is_protected(backbone, weights, classes_file, tmp_path, capsys):
     assert main(_argv(ckpt, weights, classes_file, out)) == 0
     err = _cli_error(capsys, _argv(ckpt, weights, classes_file, out))
     assert "--overwrite" in err
+    (out / ".prompts.safetensors.tmp4242").write_bytes(b"torn")     # a killed atomic write's temporary
     assert main(_argv(ckpt, weights, classes_file, out, "--overwrite")) == 0

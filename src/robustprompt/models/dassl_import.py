@@ -558,8 +558,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
     check_out_dir(out)
     if not out.is_dir() or not any(out.iterdir()):
         return
-    names = {p.name for p in out.iterdir()}
-    ours = names <= {"config.yaml", "prompts.safetensors"}
+    own = {"config.yaml", "prompts.safetensors"}
+    # what an import writes, and the temporaries of an atomic write that was killed (paths.atomic_write_bytes)
+    ours = all(p.name in own or re.fullmatch(r"\.(config\.yaml|prompts\.safetensors)\.tmp\d+", p.name)
+               for p in out.iterdir())
     if not ours:
         raise ConfigError(f"--out {str(out)[:200]} is not empty and holds files an import does not write; "
                           "choose a new or empty folder")
