@@ -23,6 +23,7 @@ MODEL_FLAGS = {
     "model": "model.name", "pretrained": "model.pretrained", "quick_gelu": "model.quick_gelu",
     "templates": "model.templates", "run": "model.run", "coupling": "model.prompt.coupling",
     "n_ctx": "model.prompt.n_ctx", "depth": "model.prompt.depth",
+    "allow_backbone_mismatch": "model.allow_backbone_mismatch",
 }
 DATA_FLAGS = {
     "dataset": "data.dataset", "root": "data.root", "split": "data.split", "classes": "data.classes",
@@ -44,7 +45,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quick-gelu", action="store_const", const=True, default=None,
                    help="use QuickGELU (automatic for OpenAI tags and TorchScript files)")
     g.add_argument("--templates", help="'dataset' (default), 'ensemble', or a template with {}")
-    g.add_argument("--run", help="a training run directory whose learned prompts to load")
+    g.add_argument("--run", help="learned prompts to load: a training run directory or hf-hub:ORG/REPO[@REVISION] "
+                                 "(a repo `robustprompt push` wrote); its backbone is used (--pretrained: the "
+                                 "same weights, moved)")
+    g.add_argument("--allow-backbone-mismatch", action="store_const", const=True, default=None,
+                   help="load --run prompts onto backbone weights whose SHA-256 differs from the recorded one")
     g.add_argument("--coupling", help="prompt coupling for untrained prompts (default none)")
     g.add_argument("--n-ctx", type=int)
     g.add_argument("--depth", type=int)
@@ -257,7 +262,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     written, pairs = run_explain(image=args.image, dataset=args.dataset, root=args.root, split=args.split, n=args.n or 1,
                                  subset_seed=args.subset_seed, model=model, runs=args.run or [],
                                  threat=attack.threat(), target=args.target, label=args.label, out=args.out,
-                                 device=args.device)
+                                 device=args.device, allow_backbone_mismatch=args.allow_backbone_mismatch)
     for p in pairs:
         s = p.shift
         print(f"{p.model}: CBA map shift ℓ2 {s['cba_l2']:.4g} (rank corr. {s['cba_spearman']:.2f}), "
@@ -364,6 +369,26 @@ def cmd_import_prompts(args: argparse.Namespace) -> int:
     print(f"wrote {written}")
     if written.name == "prompts.safetensors":
         print(f"evaluate with: robustprompt eval --run {written.parent} --dataset ... --attack pgd")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push
+
+    url = push(args.run_dir, args.repo, private=args.private, revision=args.revision, token=args.token,
+               license=args.license, commit_message=args.message)
+    print(f"pushed {args.run_dir} to {args.repo}: {url}")
+    print(f"load with: robustprompt eval --run hf-hub:{args.repo} …  or  "
+          f"rp.load_classifier(prompts=\"hf-hub:{args.repo}\")")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .hub import pull
+
+    path = pull(args.repo, args.revision, args.out, token=args.token)
+    print(f"pulled {args.repo} to {path}")
+    print(f"evaluate with: robustprompt eval --run {path} --dataset … --attack pgd")
     return 0
 
 
@@ -477,7 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="demo")
     p.add_argument("--pretrained")
     p.add_argument("--quick-gelu", action="store_const", const=True, default=None)
-    p.add_argument("--run", action="append", help="training run whose prompts to explain too; repeatable")
+    p.add_argument("--run", action="append", help="training run (or hf-hub:ORG/REPO) whose prompts to explain "
+                                                  "too; repeatable")
+    p.add_argument("--allow-backbone-mismatch", action="store_true",
+                   help="load --run prompts onto backbone weights whose SHA-256 differs from the recorded one")
     p.add_argument("--eps", type=float, default=4.0, help="/255 units")
     p.add_argument("--alpha", type=float)
     p.add_argument("--steps", type=int, default=10)
@@ -530,6 +558,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write (or a .safetensors prompt file)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier import in --out")
     p.set_defaults(func=cmd_import_prompts)
+
+    p = command("push", help="upload a training run's prompts, config, metrics and a model card to the Hugging "
+                             "Face Hub")
+    p.add_argument("run_dir", help="a finished training run directory")
+    p.add_argument("repo", help="the model repo, ORG/REPO (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its setting)")
+    p.add_argument("--revision", "--branch", dest="revision", help="branch to commit to (created if missing; "
+                                                                   "default main)")
+    p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`'s)")
+    p.add_argument("--license", help="license id for the model card (e.g. mit, apache-2.0)")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=cmd_push)
+
+    p = command("pull", help="download a prompt repo from the Hugging Face Hub (what --run hf-hub:ORG/REPO does)")
+    p.add_argument("repo", help="ORG/REPO or hf-hub:ORG/REPO[@REVISION]")
+    p.add_argument("--revision", help="branch, tag or commit (default main)")
+    p.add_argument("--out", help="folder to copy the files to (default: leave them in the Hugging Face cache)")
+    p.add_argument("--token", help="Hugging Face token, for a private or gated repo")
+    p.set_defaults(func=cmd_pull)
 
     p = command("pretrain-demo", help="build (or verify) the embedded demo backbone")
     p.add_argument("--root", help="where Fashion-MNIST lies, if not in /usr/share/datasets/fashion-mnist")

@@ -296,7 +296,11 @@ def set_dotted(d: dict, dotted: str, value: Any) -> None:
 @dataclass
 class ModelSpec:
     """Which backbone and prompts. name "demo" is the embedded Fashion-MNIST backbone.
-    run: a training run directory whose learned prompts to load (its prompt settings win)."""
+    run: a training run directory whose learned prompts to load (its prompt settings and backbone
+    win; `pretrained` may point at the same weights elsewhere), or "hf-hub:ORG/REPO[@REVISION]",
+    downloaded once here and replaced by its snapshot folder (robustprompt.hub.resolve_run).
+    allow_backbone_mismatch: load run prompts onto weights whose SHA-256 differs from the recorded
+    one (recorded in a run's config only when true)."""
 
     name: str = "demo"
     pretrained: Optional[str] = None
@@ -304,6 +308,16 @@ class ModelSpec:
     prompt: Optional[PromptConfig] = None  # None: no prompts (eval) / the method's defaults (train)
     templates: str = "dataset"          # "dataset" (its main template), "ensemble" or one template with {}
     run: Optional[str] = None
+    allow_backbone_mismatch: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.run, str) and self.run.startswith("hf-hub:"):
+            from .hub import resolve_run
+
+            self.run = resolve_run(self.run)
+
+    def omitted_fields(self) -> tuple[str, ...]:
+        return () if self.allow_backbone_mismatch else ("allow_backbone_mismatch",)
 
 
 @dataclass

@@ -120,7 +120,7 @@ def example_image_path():
 
 def run_explain(*, image: Optional[str], dataset: str, root: Optional[str], split: str, n: int, subset_seed: int,
                 model, runs: Sequence[str], threat: ThreatModel, target: str, label: Optional[str],
-                out: str, device: str = "cpu") -> list:
+                out: str, device: str = "cpu", allow_backbone_mismatch: bool = False) -> list:
     """Build the classifiers, pick the images, explain every (image, model) pair, render the figure.
     Bad input (an unreadable image, an --out that cannot be written) is refused before any model
     is built."""
@@ -151,7 +151,7 @@ def run_explain(*, image: Optional[str], dataset: str, root: Optional[str], spli
 
             key = method_of(ModelSpec(run=r))["method"]
             title = method_class(key).title if key != "unknown" else key
-            specs.append((f"{title} prompts", ModelSpec(run=r)))
+            specs.append((f"{title} prompts", ModelSpec(run=r, allow_backbone_mismatch=allow_backbone_mismatch)))
     else:
         specs.append(("zero-shot CLIP", model))
     classifiers = [(title, classifier_from_spec(spec, ds, dev)) for title, spec in specs]

@@ -304,11 +304,18 @@ def write_prompts(
 
 
 # ---------------------------------------------------------------------- reading
-def read_meta(path: str | os.PathLike) -> Optional[PromptMeta]:
+def read_meta(path: str | os.PathLike, *, damaged_header_ok: bool = False) -> Optional[PromptMeta]:
     """The metadata of prompt file `path`, or None when it has none (written before prompt files
-    described themselves, or a safetensors file of another tool). A damaged header or a damaged
-    or foreign ``robustprompt`` entry is a one-line ModelError naming the file."""
-    raw = _header_metadata(Path(path))
+    described themselves, or a safetensors file of another tool). A damaged or foreign
+    ``robustprompt`` entry is a one-line ModelError naming the file; so is a file whose
+    safetensors header cannot be read, unless `damaged_header_ok` (then None: the caller reads
+    the tensors next and reports the damage with the reader's words)."""
+    try:
+        raw = _header_metadata(Path(path))
+    except ModelError:
+        if damaged_header_ok:
+            return None
+        raise
     if raw is None or META_KEY not in raw:
         return None
     value = raw[META_KEY]
