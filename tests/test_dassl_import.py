@@ -244,6 +244,13 @@ def test_import_puts_tensors_where_the_mapping_says_and_computes_the_released_mo
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(got, given, atol=1e-6, rtol=0)
 
+    import robustprompt as rp   # the public call takes the directory too, class names from the file
+
+    api = rp.load_classifier(run=out, templates=[TEMPLATE])
+    assert api.classnames == CLASSES and api.prompt_cfg == cfg
+    with torch.no_grad():
+        torch.testing.assert_close(api(tiny_images).double(), got, atol=1e-6, rtol=0)
+
 
 def test_layout_is_detected_and_a_wrong_one_is_refused(backbone, tmp_path):
     for layout, build in BUILDERS.items():
