@@ -304,6 +304,11 @@ def test_python_api_writes_a_prompt_file_with_metadata(backbone, weights, tmp_pa
     assert meta.prompt == imp.prompt and meta.method["name"] == "fap"
     assert meta.source["kind"] == "dassl" and meta.source["epoch"] == 7 and len(meta.source["sha256"]) == 64
     assert meta.classnames == CLASSES and meta.backbone["name"] == "rp-tiny"
+    import robustprompt as rp
+
+    clf = rp.load_classifier(prompts=written)          # the file alone rebuilds the classifier
+    assert clf.prompt_cfg == imp.prompt and clf.classnames == CLASSES
+    assert torch.equal(clf.prompt_state_dict()["vision_ctx.1"], pl["compound_prompts_image.1"])
 
 
 # ------------------------------------------------------------------------------ text settings
