@@ -229,7 +229,7 @@ def accuracy_rows(metrics: Optional[dict], evals: dict[str, dict]) -> list[list[
     (training images, under the training attack)."""
     rows = []
     for name, m in sorted(evals.items()):
-        where = f"{m.get('dataset', '?')}/{m.get('classes', 'all')} {m.get('split', '')}".strip()
+        where = f"{m.get('dataset', '?')} ({m.get('split', '?')} split, {m.get('classes', 'all')} classes)"
         threat = _threat_label(m.get("threat"))
         if m.get("kind") == "tta":
             threat = f"{threat} (test-time defence {m.get('method', '?')})"
@@ -282,9 +282,10 @@ def model_card(meta: PromptMeta, repo_id: str, *, metrics: Optional[dict] = None
     rows = accuracy_rows(metrics, evals or {})
     accuracy = (_table(ACCURACY_HEADER, rows) if rows else "No evaluation was recorded with this run.")
     ref = HUB_PREFIX + repo_id
+    eps = (meta.train_threat or {}).get("eps_255") or 1   # evaluate at the budget it was trained for
     body = f"""# {method} prompts for {bb['name']}{f" on {ds['name']}" if ds.get('name') else ''}
 
-Adversarially robust prompts learned with [robustprompt](https://pypi.org/project/robustprompt/).
+Adversarially robust prompts learned with robustprompt.
 The file `{PROMPTS_FILE}` describes itself (its safetensors metadata): prompt layout, class names,
 templates, backbone and the SHA-256 of its weights — loading it onto other weights is refused.
 
@@ -306,7 +307,7 @@ clf = rp.load_classifier(prompts="{ref}")   # images B×3×S×S in [0, 1] → lo
 
 ```bash
 robustprompt pull {repo_id} --out prompts/{repo_id.split('/')[-1]}
-robustprompt eval --run {ref} --dataset {ds.get('spec') or ds.get('name') or 'DATASET'} --attack pgd --eps 1
+robustprompt eval --run {ref} --dataset {ds.get('spec') or ds.get('name') or 'DATASET'} --attack pgd --eps {eps:g}
 ```
 """
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body
