@@ -20,7 +20,7 @@ from robustprompt.cli import main
 from robustprompt.config import AttackSpec, DataSpec, ModelSpec
 from robustprompt.errors import ConfigError, ModelError
 from robustprompt.models import PromptConfig
-from test_prompt_files import colour_images, one_line, tiny_run  # noqa: F401 (tiny_run is a fixture)
+from test_prompt_files import colour_images, error_line, one_line, tiny_run  # noqa: F401 (tiny_run is a fixture)
 
 REPO = "robust-org/advvlp-colours"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -226,8 +226,8 @@ def test_push_failures_are_one_line(case, evaluated_run, monkeypatch, capsys):
     name, error, words = _push_failures()[case]
     StubHub(fail=error).install(monkeypatch)
     assert main(["push", str(evaluated_run["run"]), REPO, "--token", "hf_x"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and words in err and f"hf-hub:{REPO}" in err, (name, err)
+    err = error_line(capsys.readouterr().err)
+    assert words in err and f"hf-hub:{REPO}" in err, (name, err)
 
 
 def test_push_checks_before_any_network_call(evaluated_run, monkeypatch, tmp_path, capsys):
@@ -237,8 +237,8 @@ def test_push_checks_before_any_network_call(evaluated_run, monkeypatch, tmp_pat
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     assert main(["push", str(evaluated_run["run"]), REPO]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "no Hugging Face token" in err and "--token" in err
+    err = error_line(capsys.readouterr().err)
+    assert "no Hugging Face token" in err and "--token" in err
     assert main(["push", str(tmp_path), REPO, "--token", "t"]) == 2
     assert "is not a finished training run" in capsys.readouterr().err
     assert main(["push", str(evaluated_run["run"]), "not a repo", "--token", "t"]) == 2
@@ -319,8 +319,8 @@ def test_hub_download_failures_are_one_line(offline_hub, tmp_path, capsys):
     msg = one_line(exc)
     assert "hf-hub:robust-org/not-there" in msg and "not in the local Hugging Face cache" in msg
     assert main(["pull", "robust-org/not-there"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "not in the local Hugging Face cache" in err
+    err = error_line(capsys.readouterr().err)
+    assert "not in the local Hugging Face cache" in err
     assert main(["eval", "--run", "hf-hub:robust-org/not-there", "--attack", "none"]) == 2
     assert "hf-hub:robust-org/not-there" in capsys.readouterr().err
     # a backbone repo is not a prompt repo

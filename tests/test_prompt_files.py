@@ -36,6 +36,13 @@ def one_line(exc_info) -> str:
     return msg
 
 
+def error_line(stderr: str) -> str:
+    """The CLI's error: exactly one line of stderr says 'error:' (log notes may come before it)."""
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
 def image_folder(root: Path) -> Path:
     """root/{train,test}/<colour>/<i>.png: 2 training and 2 test images per class."""
     for split in ("train", "test"):
@@ -249,8 +256,8 @@ def test_other_backbone_weights_are_refused_unless_allowed(tiny_run, tmp_path, c
     base = ["eval", "--run", str(tiny_run["run"]), "--pretrained", str(other), "--dataset",
             f"imagefolder:{tiny_run['root']}", "--attack", "none", "--device", "cpu", "--no-progress"]
     assert main(base + ["--out", str(tmp_path / "e1")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and want in err and got in err
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("robustprompt eval: error:") and want in err and got in err
     assert main(base + ["--out", str(tmp_path / "e2"), "--allow-backbone-mismatch"]) == 0
     assert yaml.safe_load((tmp_path / "e2" / "config.yaml").read_text())["model"]["allow_backbone_mismatch"] is True
 
