@@ -372,3 +372,17 @@ def test_call_forms_are_checked():
         rp.load_classifier(prompts="x.safetensors", prompt=PromptConfig(coupling="text"))
     with pytest.raises(RobustPromptError):
         rp.open_prompts(run="a", prompts="b")
+
+
+def test_a_hub_backbone_is_rebuilt_at_the_recorded_commit(tmp_path):
+    """Prompts trained on hf-hub:ORG/REPO record the commit the Hub served; reloading pins it, so a
+    later push to the backbone repo cannot change what the prompts are loaded onto."""
+    commit = "c" * 40
+    f = write_prompts(tmp_path / "p.safetensors", {}, prompt=PromptConfig(), model=ModelSpec(name="hf-hub:org/clip"),
+                      classnames=["a"], templates=["{}"], method="zeroshot", weights_sha256="ab" * 32,
+                      backbone_info={"hub_repo": "org/clip", "hub_revision": commit})
+    assert rp.open_prompts(prompts=str(f)).backbone.name == f"hf-hub:org/clip@{commit}"
+    g = write_prompts(tmp_path / "q.safetensors", {}, prompt=PromptConfig(), model=ModelSpec(name="hf-hub:org/clip@v2"),
+                      classnames=["a"], templates=["{}"], method="zeroshot", weights_sha256="ab" * 32,
+                      backbone_info={"hub_repo": "org/clip", "hub_revision": commit})
+    assert rp.open_prompts(prompts=str(g)).backbone.name == f"hf-hub:org/clip@{commit}"   # a branch moves on

@@ -102,7 +102,7 @@ def load_classifier(
     if name is None:
         raise ConfigError("load_classifier needs a backbone name, run= (a training run) or prompts= (a prompt file)")
     if classnames is None:
-        raise ConfigError(f"load_classifier({name!r}, ...) needs classnames= (the labels, in order)")
+        raise ConfigError(f"load_classifier({quote(name, 80)}, ...) needs classnames= (the labels, in order)")
     device = resolve_device(device)
     backbone = get_backbone(name, pretrained, quick_gelu, device)
     return PromptedClassifier(backbone, classnames, prompt or PromptConfig(), templates).to(device)
@@ -177,7 +177,12 @@ def _read_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def _from_meta(ckpt: Path, meta: PromptMeta) -> TrainedPrompts:
     bb = meta.backbone
-    spec = ModelSpec(name=bb["name"], pretrained=bb.get("pretrained"), quick_gelu=bool(bb.get("quick_gelu", False)),
+    name = bb["name"]
+    revision = (meta.hub or {}).get("revision")
+    if name.startswith("hf-hub:") and revision:
+        # the commit the Hub served when the prompts were trained, not whatever the branch holds now
+        name = f"{name.partition('@')[0]}@{revision}"
+    spec = ModelSpec(name=name, pretrained=bb.get("pretrained"), quick_gelu=bool(bb.get("quick_gelu", False)),
                      prompt=meta.prompt)
     return TrainedPrompts(ckpt, _read_state(ckpt), meta.prompt, spec, meta.weights_sha256, meta)
 
