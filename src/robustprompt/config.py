@@ -323,8 +323,10 @@ class ModelSpec:
 @dataclass
 class DataSpec:
     """Which images. subset: evaluate a fixed random subset of this many images (seeded).
-    resize_mode: shortest (shorter side + centre crop; CLIP's and Dassl's test transform) or
-    squash (both sides straight to the model's size). Interpolation is the backbone's (bicubic)."""
+    resize_mode: auto (the backbone's own open_clip preprocess config: shortest for CLIP, squash
+    for SigLIP, …), or forced: shortest (shorter side + centre crop; CLIP's and Dassl's test
+    transform), squash (both sides straight to the model's size) or longest (longer side, padded
+    to a square). Interpolation is always the backbone's."""
 
     dataset: str = "fashion_mnist"
     root: Optional[str] = None
@@ -335,13 +337,12 @@ class DataSpec:
     batch_size: int = 64
     workers: int = 0
     download: bool = False
-    resize_mode: str = "shortest"
+    resize_mode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.classes not in ("all", "base", "new"):
             raise ConfigError(f"data.classes must be all, base or new, got {quote(self.classes)}")
-        if self.resize_mode not in ("shortest", "squash"):
-            raise ConfigError(f"data.resize_mode must be shortest or squash, got {quote(self.resize_mode)}")
+        check_resize_mode(self.resize_mode)
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.subset is not None and self.subset < 1:
@@ -349,6 +350,17 @@ class DataSpec:
         if self.workers < 0:
             raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
         check_seed(self.subset_seed, "data.subset_seed")
+
+
+RESIZE_MODES = ("auto", "shortest", "squash", "longest")   # data.resize_mode (data.transforms' modes + auto)
+
+
+def check_resize_mode(value: Any, where: str = "data.resize_mode") -> str:
+    """auto (the backbone's own preprocessing) or a mode that forces it: shortest, squash, longest."""
+    if not isinstance(value, str) or value not in RESIZE_MODES:
+        raise ConfigError(f"{where} must be one of {', '.join(RESIZE_MODES)} (auto: the backbone's own), "
+                          f"got {quote(value, 60)}")
+    return value
 
 
 def check_seed(seed: int, where: str) -> int:

@@ -126,9 +126,9 @@ def run_explain(*, image: Optional[str], dataset: str, root: Optional[str], spli
     is built."""
     from .api import classifier_from_spec, resolve_device, run_backbone_spec
     from .config import ModelSpec
-    from .data import build_dataset, clip_transform
+    from .data import build_dataset
     from .data.images import load_rgb
-    from .engine.tasks import subset_indices
+    from .engine.tasks import preprocess_of, subset_indices
     from .errors import ConfigError
     from .messages import quote
     from .methods import method_class
@@ -155,8 +155,7 @@ def run_explain(*, image: Optional[str], dataset: str, root: Optional[str], spli
     else:
         specs.append(("zero-shot CLIP", model))
     classifiers = [(title, classifier_from_spec(spec, ds, dev)) for title, spec in specs]
-    size = classifiers[0][1].image_size
-    transform = clip_transform(size)
+    transform = preprocess_of(classifiers[0][1]).transform()   # the backbone's own preprocessing
     items: list[tuple[torch.Tensor, Optional[int]]] = []
     if pil is not None:
         lab = None

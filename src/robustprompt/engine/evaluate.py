@@ -19,6 +19,7 @@ from ..api import classifier_from_spec, resolved_prompt
 from ..attacks.threat import ThreatModel
 from ..config import SEED_LIMIT, AttackSpec, DataSpec, ModelSpec, to_dict
 from ..errors import ConfigError
+from ..models.sources import model_slug
 from .identity import model_fingerprint, split_fingerprint
 from .runtime import process_state
 from .rundir import RunDir, check_out_dir, config_hash
@@ -78,7 +79,7 @@ def eval_identity(config: dict, model: ModelSpec, task: Task) -> None:
 
 
 def default_run_dir(kind: str, cfg_dict: dict, model: ModelSpec, data: DataSpec) -> Path:
-    name = model.name.replace("/", "-")
+    name = model_slug(model.name)   # hf-hub:ORG/REPO, local-dir:PATH → one safe path component
     return Path("runs") / kind / f"{data.dataset.replace(':', '_').replace('/', '_')}-{name}-{config_hash(cfg_dict)}"
 
 
@@ -114,7 +115,7 @@ def _evaluate(cfg: EvalConfig, run: RunDir, state, device, task: Task, progress:
     clf.eval()
     threat = cfg.attack.threat()
     threats = cfg.threats()
-    transform = task.transform(clf.image_size)
+    transform = task.transform(clf)   # the backbone's preprocessing unless data.resize_mode forces one
     t_start = time.time()
 
     def process(x: torch.Tensor, y: torch.Tensor, idx: list[int]) -> list[dict]:
@@ -167,6 +168,7 @@ def summarize(records: dict[int, dict], task, clf, threat, cfg, method: dict, el
         "classes": cfg.data.classes,
         "n_classes": len(task.dataset.classnames),
         "backbone": clf.backbone_info,
+        "preprocess": task.preprocess(clf).to_dict(),   # as applied: the backbone's, or data.resize_mode's
         **method,
         "seed": cfg.seed,
         "threat": threat.describe(len(task.dataset.classnames)),

@@ -5,8 +5,9 @@ These fingerprints go into the run's semantic config (`model.fingerprint`, `data
 so a retrained prompt file, a replaced checkpoint or a changed image folder makes a different run
 instead of a silently reused one.
 
-Trusted and not: a file is identified by its SHA-256 (streamed, cached within a process per
-(path, size, mtime, inode)); an open_clip pretrained tag by its name only; a split by the ordered ids and
+Trusted and not: a weight file is identified by its SHA-256 (streamed, cached within a process per
+(path, size, mtime, inode)) — a checkpoint path, an open_clip tag's downloaded file, a Hub repo's or
+a local folder's file alike (models.sources); a split by the ordered ids and
 labels of the images used and the class names, not by pixel content (an image file replaced under
 the same name is not noticed).
 """
@@ -14,47 +15,50 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..config import ModelSpec
+from ..models.sources import RANDOM_INIT, WeightSource, resolve_source, sha256_file, split_scheme
 
-_CHUNK = 1 << 20
-_SHA_CACHE: dict[tuple, str] = {}
+__all__ = ["sha256_file", "weights_fingerprint", "model_fingerprint", "split_fingerprint", "weights_source"]
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file, read once in 1 MiB chunks. Cached for the life of the process per
-    (resolved path, size, mtime, and inode and ctime): a file rewritten in place gets a new
-    mtime/ctime, one replaced atomically a new inode — either way a new hash."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(_CHUNK), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
+def weights_source(spec: ModelSpec) -> Optional[WeightSource]:
+    """Where the backbone weights of `spec` come from (models.sources.resolve_source: finds or
+    downloads and hashes the files), or None for the demo backbone, for random initialisation
+    and for a `pretrained` value that is neither a file nor a known tag (load_backbone refuses
+    that one, listing the known tags). ModelError for any other problem (an unknown
+    architecture, a Hub repo not found or not reachable, …)."""
+    builtin = split_scheme(spec.name)[0] is None
+    if spec.name == "demo" or (builtin and spec.pretrained in RANDOM_INIT):
+        return None
+    if builtin and not Path(str(spec.pretrained)).exists():
+        import open_clip
+
+        if not open_clip.get_pretrained_cfg(spec.name.replace("/", "-"), str(spec.pretrained)):
+            return None
+    return resolve_source(spec.name, spec.pretrained)
 
 
 def weights_fingerprint(spec: ModelSpec) -> Optional[str]:
-    """SHA-256 of the backbone weight file a spec loads: the demo backbone's cached file (built
-    first if needed), or `pretrained` when it is a path. None for an open_clip tag (its name is
-    already in the config) and for random initialisation."""
+    """SHA-256 of the backbone weights a spec loads — THE hash of a backbone, equal to
+    `Backbone.weights_sha256` of the backbone it loads: the demo backbone's cached file (built
+    first if needed); the file of a path, of an open_clip tag (downloaded by open_clip if not
+    cached), of an `hf-hub:` repo (at the commit the Hub serves) or of a `local-dir:` folder;
+    for several files, the SHA-256 of their sha256sum listing. None for random initialisation."""
     if spec.name == "demo":
         from ..demo.backbone import ensure_demo_backbone
 
         return sha256_file(ensure_demo_backbone(progress=False) / "model.safetensors")
-    if spec.pretrained and Path(spec.pretrained).is_file():
-        return sha256_file(spec.pretrained)
-    return None
+    source = weights_source(spec)
+    return source.sha256 if source is not None else None
 
 
 def model_fingerprint(spec: ModelSpec, *, with_prompts: bool = True) -> dict[str, Optional[str]]:
-    """{"weights": sha256 | None} plus, for a spec that loads a training run's prompts
+    """{"weights": sha256 | None} plus, for a backbone that brings its own open_clip config
+    (`hf-hub:`, `local-dir:`), {"config": sha256 of its open_clip_config.json} (it sets the
+    architecture and the preprocessing), and, for a spec that loads a training run's prompts
     (`spec.run`), {"prompts": sha256 of run/prompts.safetensors}. The weights are those of the
     backbone the run was trained on (its config.yaml)."""
     backbone = spec
@@ -65,7 +69,13 @@ def model_fingerprint(spec: ModelSpec, *, with_prompts: bool = True) -> dict[str
         backbone = run_backbone_spec(spec.run)
         if with_prompts:
             out["prompts"] = sha256_file(Path(spec.run) / "prompts.safetensors")
-    out["weights"] = weights_fingerprint(backbone)
+    if backbone.name == "demo":
+        out["weights"] = weights_fingerprint(backbone)
+        return out
+    source = weights_source(backbone)
+    out["weights"] = source.sha256 if source is not None else None
+    if source is not None and source.config is not None:
+        out["config"] = source.config.sha256
     return out
 
 

@@ -3,23 +3,52 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Optional
 
 from ..config import DataSpec, ModelSpec
-from ..data import base_new_split, build_dataset, clip_transform
+from ..data import base_new_split, build_dataset
 from ..data.base import Dataset, Split
+from ..data.transforms import Preprocess
 
 
 @dataclass
 class Task:
+    """The images of a run. resize_mode: "auto" (the backbone's own) or a mode that forces it;
+    interpolation: None (the backbone's own) or one that forces it."""
+
     dataset: Dataset
     split: Split
     indices: list[int]
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"
+    interpolation: Optional[str] = None
+    resize_mode: str = "auto"
 
-    def transform(self, image_size: int, train: bool = False) -> Callable:
-        return clip_transform(image_size, self.interpolation, train=train, resize_mode=self.resize_mode)
+    def preprocess(self, model: Any) -> Preprocess:
+        """The preprocessing this task applies for `model` (a classifier, a Backbone, a
+        Preprocess, or a bare image size: bicubic shortest-side): the model's own, with this
+        task's resize_mode / interpolation laid over it."""
+        return preprocess_of(model).forced(self.resize_mode, self.interpolation)
+
+    def transform(self, model: Any, train: bool = False) -> Callable:
+        """PIL image → 3×S×S tensor in [0, 1] for `model` (see `preprocess`)."""
+        return self.preprocess(model).transform(train=train)
+
+
+def preprocess_of(model: Any) -> Preprocess:
+    """A model's own preprocessing: a Preprocess as is; a Backbone's `.preprocess`; a
+    PromptedClassifier's from the backbone description it keeps; an int: that image size with
+    the defaults (bicubic, shortest side + centre crop)."""
+    if isinstance(model, Preprocess):
+        return model
+    if isinstance(model, int) and not isinstance(model, bool):
+        return Preprocess(model)
+    if isinstance(getattr(model, "preprocess", None), Preprocess):
+        return model.preprocess
+    info = getattr(model, "backbone_info", None)
+    if isinstance(info, dict) and isinstance(info.get("preprocess"), dict):
+        return Preprocess.from_dict(info["preprocess"])
+    if isinstance(getattr(model, "image_size", None), int):
+        return Preprocess(model.image_size)
+    raise TypeError(f"no image preprocessing known for a {type(model).__name__}")
 
 
 def load_task(spec: DataSpec) -> Task:

@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..api import get_backbone, resolve_templates
-from ..config import AttackSpec, ModelSpec, to_dict
-from ..data import base_new_split, build_dataset, clip_transform, few_shot_indices
+from ..config import AttackSpec, ModelSpec, check_resize_mode, replace, to_dict
+from ..data import base_new_split, build_dataset, few_shot_indices
+from ..data.transforms import Preprocess
 from ..errors import ConfigError, RobustPromptError
 from ..methods import build_method
 from ..methods.base import Method
@@ -35,10 +36,11 @@ from ..models import PromptedClassifier
 from ..paths import atomic_save_tensors, atomic_write_text
 from .evaluate import check_seed, environment
 from .grad_share import share_record
-from .identity import split_fingerprint, weights_fingerprint
+from .identity import model_fingerprint, split_fingerprint
 from .runtime import process_state
 from .rundir import RunDir, check_out_dir, config_hash
 from .sharded import IndexedImages
+from .tasks import preprocess_of
 
 
 class TrainingError(RobustPromptError):
@@ -56,7 +58,7 @@ class TrainDataSpec:
     workers: int = 0
     augment: str = "coop"               # coop (random resized crop + flip) | flip | none
     download: bool = False
-    resize_mode: str = "shortest"       # with augment flip/none: shortest (side + centre crop) | squash
+    resize_mode: str = "auto"           # with augment flip/none: auto (the backbone's own) | shortest | squash | longest
     few_shot_source: str = "auto"       # auto (Dassl's split_fewshot pkl if present) | dassl | seeded-draw
 
     def __post_init__(self) -> None:
@@ -64,8 +66,7 @@ class TrainDataSpec:
             raise ConfigError(f"data.classes must be all, base or new, got {self.classes!r}")
         if self.augment not in ("coop", "flip", "none"):
             raise ConfigError(f"data.augment must be coop, flip or none, got {self.augment!r}")
-        if self.resize_mode not in ("shortest", "squash"):
-            raise ConfigError(f"data.resize_mode must be shortest or squash, got {self.resize_mode!r}")
+        check_resize_mode(self.resize_mode)
         if self.few_shot_source not in ("auto", "dassl", "seeded-draw"):
             raise ConfigError(f"data.few_shot_source must be auto, dassl or seeded-draw, "
                               f"got {self.few_shot_source!r}")
@@ -129,15 +130,18 @@ class TrainConfig:
         check_seed(self.seed, "seed")
 
 
-def _train_transform(image_size: int, augment: str, resize_mode: str = "shortest",
-                     interpolation: str = "bicubic"):
-    """coop: RandomResizedCrop + flip. flip / none: the deterministic resize (``resize_mode``;
-    FAP's configs: none + squash, i.e. Dassl's train transform with INPUT.TRANSFORMS = [])."""
+def _train_transform(preprocess: Preprocess | int, augment: str, resize_mode: str = "auto",
+                     interpolation: Optional[str] = None):
+    """coop: RandomResizedCrop + flip. flip / none: the deterministic resize — the backbone's
+    own (``preprocess``; resize_mode "auto") or ``resize_mode`` forced (FAP's configs: none +
+    squash, i.e. Dassl's train transform with INPUT.TRANSFORMS = []). The interpolation is the
+    backbone's unless ``interpolation`` is given; a bare image size means bicubic, shortest side."""
     import torchvision.transforms as T
 
+    pre = preprocess_of(preprocess).forced(resize_mode, interpolation)
     if augment == "coop":
-        return clip_transform(image_size, interpolation, train=True)
-    base = clip_transform(image_size, interpolation, train=False, resize_mode=resize_mode)
+        return pre.transform(train=True)
+    base = pre.transform(train=False)
     if augment == "flip":
         return T.Compose([base, T.RandomHorizontalFlip()])
     return base
@@ -179,7 +183,8 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
         dataset = base_new_split(dataset, cfg.data.classes)
     split = dataset.split(cfg.data.split)
     indices, few_shot_source = _train_indices(cfg, dataset, split)
-    config["model"]["fingerprint"] = {"weights": weights_fingerprint(cfg.model)}
+    # weights, and the open_clip config of a hf-hub:/local-dir: backbone (training loads no run's prompts)
+    config["model"]["fingerprint"] = model_fingerprint(replace(cfg.model, run=None), with_prompts=False)
     config["data"]["fingerprint"] = split_fingerprint(split.ids, split.labels, indices, dataset.classnames)
 
     run = RunDir(out or default_train_dir(config, cfg), config, overwrite=overwrite)
@@ -217,7 +222,7 @@ def _train(cfg: TrainConfig, run: RunDir, state, device, method: Method, prompt_
     if start_epoch and state.is_main_process and progress:
         tqdm.write(f"resuming {run.path} after epoch {start_epoch}")
 
-    transform = _train_transform(clf.image_size, cfg.data.augment, cfg.data.resize_mode, backbone.interpolation)
+    transform = _train_transform(backbone.preprocess, cfg.data.augment, cfg.data.resize_mode)
     data = IndexedImages(split, indices, transform)
     B, W, rank = cfg.data.batch_size, state.num_processes, state.process_index
     steps_per_epoch = math.ceil(len(indices) / B)

@@ -35,6 +35,7 @@ from ..config import AttackSpec, DataSpec, ModelSpec, to_dict
 from ..data.registry import canonical_name
 from ..errors import DatasetError
 from ..models import PromptConfig
+from ..models.sources import model_slug
 from ..errors import ConfigError
 from ..tta.procedures import build_procedure, procedure_class
 from .evaluate import check_seed, environment, eval_identity, image_seed
@@ -236,7 +237,7 @@ def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool
     task = load_task(cfg.data)
     eval_identity(config, model_spec, task)
     ds = cfg.data.dataset.replace(":", "_").replace("/", "_")
-    default = Path("runs") / "tta" / f"{procedure.name}-{ds}-{model_spec.name}-{config_hash(config)}"
+    default = Path("runs") / "tta" / f"{procedure.name}-{ds}-{model_slug(model_spec.name)}-{config_hash(config)}"
     run = RunDir(out or default, config, overwrite=overwrite)
     with run.open(state, wait_for_lock=wait_for_lock) as resumed:
         if resumed and run.metrics() is not None:
@@ -294,7 +295,7 @@ def _run_tta(cfg: TTAConfig, run: RunDir, state, device, task: Task, procedure, 
 
     modes = cfg.randomness_modes
     desc = f"tta {procedure.name} {cfg.data.dataset} {threat.short()}{' adaptive ' + '+'.join(modes) if modes else ''}"
-    records = run_per_image(run, state, task.split, task.indices, task.transform(clf.image_size), process,
+    records = run_per_image(run, state, task.split, task.indices, task.transform(clf), process,
                             batch_size=cfg.data.batch_size, workers=cfg.data.workers, desc=desc, progress=progress,
                             chunk=aa_chunk([cfg.attack.threat()]))
     if records is None:
@@ -313,6 +314,7 @@ def _run_tta(cfg: TTAConfig, run: RunDir, state, device, task: Task, procedure, 
         "classes": cfg.data.classes,
         "n_classes": len(task.dataset.classnames),
         "backbone": clf.backbone_info,
+        "preprocess": task.preprocess(clf).to_dict(),
         **method_of(model_spec),
         "prompt": clf.prompt_cfg.to_dict(),
         "seed": cfg.seed,
