@@ -497,10 +497,18 @@ def test_without_huggingface_hub_is_one_line(monkeypatch):
 
 
 class _StubHub(http.server.BaseHTTPRequestHandler):
-    """A Hub that knows no repo "org/missing" and holds no open_clip_config.json anywhere."""
+    """A Hub that knows no repo "org/missing", gates "org/gated", has no revision "nope" and holds
+    no open_clip_config.json anywhere."""
 
     def _answer(self) -> None:
-        code = "RepoNotFound" if "/org/missing/" in self.path else "EntryNotFound"
+        if "/org/missing/" in self.path:
+            code = "RepoNotFound"
+        elif "/org/gated/" in self.path:
+            code = "GatedRepo"
+        elif "/resolve/nope/" in self.path:
+            code = "RevisionNotFound"
+        else:
+            code = "EntryNotFound"
         self.send_response(404)
         self.send_header("X-Error-Code", code)
         self.send_header("X-Repo-Commit", COMMIT)
@@ -546,6 +554,12 @@ def test_hub_answers_are_one_line(online_hub):
         with pytest.raises(ModelError) as exc:
             load_backbone("hf-hub:org/textonly")
         assert_one_line(exc, "hf-hub:org/textonly", "is not an open_clip repo", "no open_clip_config.json")
+        with pytest.raises(ModelError) as exc:
+            load_backbone("hf-hub:org/gated")
+        assert_one_line(exc, "hf-hub:org/gated", "the repo is gated", "hf auth login")
+        with pytest.raises(ModelError) as exc:
+            load_backbone("hf-hub:org/tiny@nope")
+        assert_one_line(exc, "hf-hub:org/tiny@nope", "revision not found")
     finally:
         server.shutdown()
         server.server_close()
