@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 from typing import Dict, List, Tuple
 
 import open_clip
+
 import pytest
 import torch
 import yaml
@@ -112,6 +114,25 @@ def test_pickle_with_code_is_refused(tmp_path, zip_format):
     msg = _one_line(exc)
     assert not marker.exists()
     assert "evil.pt" in msg and "io.open" in msg and "state dict" in msg
+
+
+class _RunsCommandOnUnpickle:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_pickle_naming_a_blocked_module_is_named_not_called_corrupt(tmp_path):
+    """torch words a blocked module (os/posix) differently from other globals; both are named."""
+    marker = tmp_path / "pwned"
+    torch.save({"w": torch.ones(2), "payload": _RunsCommandOnUnpickle(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(ModelError) as exc:
+        load_backbone("rp-tiny", tmp_path / "evil.pt")
+    msg = _one_line(exc)
+    assert not marker.exists()
+    assert "system" in msg and "only running code could rebuild" in msg and "corrupt" not in msg
 
 
 # ----------------------------------------------------------------- §1: the reader reads what jit reads

@@ -415,7 +415,9 @@ def _torch_load(path: Path) -> Any:
         # weights_only passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot override it then
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch words it "Unsupported global: GLOBAL x.y" or, for a blocked module (os, posix,
+        # subprocess …), "Trying to load unsupported GLOBAL x.y whose module … is blocked"
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(exc))
         if found:
             raise ModelError(f"{path} holds Python objects that only running code could rebuild "
                              f"({one_line(found.group(1), 120)}), so it was not loaded; save a plain state dict "
