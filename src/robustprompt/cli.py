@@ -38,18 +38,29 @@ ATTACK_FLAGS = {
 RUN_FLAGS = {"seed": "seed", "device": "device"}
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, *, loads_prompts: bool = True) -> None:
+    """loads_prompts: the command can load learned prompts (--run); train always starts fresh ones."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="open_clip architecture (e.g. ViT-B-32) or 'demo' (default: demo)")
-    g.add_argument("--pretrained", help="pretrained tag (e.g. openai) or checkpoint file; omit for random init")
+    g.add_argument("--model", help="open_clip architecture (e.g. ViT-B-32; `robustprompt list models`), "
+                                   "hf-hub:ORG/REPO[@REVISION] (an open_clip model on the Hugging Face Hub), "
+                                   "local-dir:PATH (a folder in that layout) or 'demo' (default: demo)")
+    g.add_argument("--pretrained", help="pretrained tag (e.g. openai; `robustprompt list pretrained`) or checkpoint "
+                                        "file; omit for random init, and for hf-hub:/local-dir: models")
     g.add_argument("--quick-gelu", action="store_const", const=True, default=None,
                    help="use QuickGELU (automatic for OpenAI tags and TorchScript files)")
     g.add_argument("--templates", help="'dataset' (default), 'ensemble', or a template with {}")
+    if not loads_prompts:
+        _add_prompt_layout_args(g)
+        return
     g.add_argument("--run", help="learned prompts to load: a training run directory or hf-hub:ORG/REPO[@REVISION] "
                                  "(a repo `robustprompt push` wrote); its backbone is used (--pretrained: the "
                                  "same weights, moved)")
     g.add_argument("--allow-backbone-mismatch", action="store_const", const=True, default=None,
                    help="load --run prompts onto backbone weights whose SHA-256 differs from the recorded one")
+    _add_prompt_layout_args(g)
+
+
+def _add_prompt_layout_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--coupling", help="prompt coupling for untrained prompts (default none)")
     g.add_argument("--n-ctx", type=int)
     g.add_argument("--depth", type=int)
@@ -435,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = command("train", help="few-shot prompt tuning with one method on one dataset")
-    add_model_args(p)
+    add_model_args(p, loads_prompts=False)
     g = p.add_argument_group("method and optimisation")
     g.add_argument("--method", help="training method (see `robustprompt methods`)")
     g.add_argument("--param", action="append", metavar="KEY=VALUE", help="a method hyperparameter, repeatable")
