@@ -247,18 +247,8 @@ def write_prompts(
     out: str | os.PathLike,
     state: Mapping[str, torch.Tensor],
     *,
-    prompt: PromptConfig,
-    model: Any,
-    classnames: Sequence[str],
-    templates: Sequence[str],
-    method: str,
-    method_params: Optional[Mapping[str, Any]] = None,
-    train_threat: Any = None,
-    dataset: Optional[Mapping[str, Any]] = None,
-    backbone_info: Optional[Mapping[str, Any]] = None,
-    weights_sha256: Optional[str] = "auto",
-    source: Optional[Mapping[str, Any]] = None,
     seed: Optional[int] = None,
+    **fields: Any,
 ) -> Path:
     """Write learned prompts as a self-describing prompt file or a loadable run directory.
 
@@ -267,7 +257,9 @@ def write_prompts(
     which `--run DIR`, `load_classifier(run=DIR)` and `robustprompt push DIR` accept.
     state: the prompt tensors by `PromptedClassifier.prompt_state_dict()` names (their layout must
     be the one `prompt` makes on `model`; `load_classifier` checks it on load).
-    model: a `config.ModelSpec` (name, pretrained, quick_gelu) of the backbone the prompts belong to.
+    fields: `build_meta`'s keyword arguments, which describe the prompts:
+    prompt: their PromptConfig; model: a `config.ModelSpec` (name, pretrained, quick_gelu) of the
+    backbone they belong to.
     classnames / templates: the label set in label order and the templates used (at least one).
     method: the method's name (e.g. "fap"); method_params: its hyperparameters.
     train_threat: the training ThreatModel (or its describe() dict), None for clean training.
@@ -280,9 +272,8 @@ def write_prompts(
                       templates=["a photo of a {}."], method="fap", train_threat=ThreatModel.from_255(1),
                       dataset={"name": "imagenet", "shots": 16, "seed": 1}, source={"kind": "dassl", "file": f})
     """
-    meta = build_meta(prompt=prompt, model=model, classnames=classnames, templates=templates, method=method,
-                      method_params=method_params, train_threat=train_threat, dataset=dataset,
-                      backbone_info=backbone_info, weights_sha256=weights_sha256, source=source)
+    meta = build_meta(**fields)
+    model, prompt = fields["model"], meta.prompt
     out = Path(out)
     if out.suffix == ".safetensors":
         return write_prompt_file(out, state, meta)
