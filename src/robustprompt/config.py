@@ -371,9 +371,20 @@ def check_seed(seed: int, where: str) -> int:
     return seed
 
 
+# ℓ2 budgets are in pixel units (ε₂ = 3.0, as torchattacks and AutoAttack write them); before
+# issue 12 they were in /255 units. Anything above this bound is refused as a /255-unit leftover:
+# it is above every published ℓ2 budget (0.5 CIFAR, 3.0 ImageNet) while the /255 writing of
+# those (127.5, 765) is far above it.
+L2_EPS_MAX = 32.0
+EPS_UNITS = {"linf": "/255", "l2": "pixel"}
+
+
 @dataclass
 class AttackSpec:
-    """An attack as users write it: eps and alpha in /255 units (alpha null: eps/4)."""
+    """An attack as users write it: ℓ∞ eps and alpha in /255 units (4 means 4/255), ℓ2 eps and
+    alpha in pixel units (3.0 means ‖δ‖₂ ≤ 3.0); alpha null: eps/4. precision: fp32 or bf16
+    (autocast inside PGD/FGSM). eps_units: filled in for ℓ2 ("pixel") so that a config written
+    under the old /255 reading of ℓ2 budgets never shares a run identity with a new one."""
 
     attack: str = "pgd"
     norm: str = "linf"
@@ -385,22 +396,45 @@ class AttackSpec:
     random_start: bool = True
     aa_version: str = "standard"
     aa_chunk: int = AA_CHUNK            # AutoAttack: images per seeded pyautoattack run (1: per image)
+    precision: str = "fp32"             # attack precision: fp32, or bf16 autocast (recorded)
+    eps_units: Optional[str] = None     # ℓ2: "pixel" (filled in); ℓ∞: None ("/255" accepted)
 
     def __post_init__(self) -> None:
         # finite first (also when built in Python, without from_dict): NaN passes every comparison
         self.eps = finite(self.eps, "attack.eps")
         if self.alpha is not None:
             self.alpha = finite(self.alpha, "attack.alpha")
+        units = EPS_UNITS.get(self.norm)
+        if units is not None:   # an unknown norm: threat() below names it
+            if self.eps_units not in (None, units):
+                raise ConfigError(f"attack.eps_units: {self.norm} budgets are in {units} units, got "
+                                  f"{quote(self.eps_units, 40)}")
+            # stored for ℓ2 only: an ℓ∞ record (and run identity) stays what it always was
+            self.eps_units = units if self.norm == "l2" else None
+        if self.norm == "l2" and self.eps > L2_EPS_MAX:
+            raise ConfigError(f"attack.eps={self.eps:g} for norm l2 looks like /255 units: ℓ2 budgets are in "
+                              f"pixel units (as torchattacks/AutoAttack; --eps 3.0 means ε₂=3.0), so "
+                              f"{self.eps:g}/255 is --eps {self.eps / 255:.4g}; at most {L2_EPS_MAX:g}")
         self.threat()  # validate now, with ThreatModel's messages
 
     def threat(self) -> ThreatModel:
-        return ThreatModel.from_255(self.eps, self.alpha, attack=self.attack, norm=self.norm, steps=self.steps,
-                                    restarts=self.restarts, loss=self.loss, random_start=self.random_start,
-                                    aa_version=self.aa_version, aa_chunk=self.aa_chunk)
+        kw = dict(attack=self.attack, norm=self.norm, steps=self.steps, restarts=self.restarts, loss=self.loss,
+                  random_start=self.random_start, aa_version=self.aa_version, aa_chunk=self.aa_chunk,
+                  precision=self.precision)
+        if self.norm == "l2":   # pixel units already
+            return ThreatModel(eps=self.eps, alpha=self.alpha, **kw)
+        return ThreatModel.from_255(self.eps, self.alpha, **kw)
 
     def omitted_fields(self) -> tuple[str, ...]:
-        """aa_chunk means nothing to other attacks: kept out of their records (and run identity)."""
-        return () if self.attack == "autoattack" else ("aa_chunk",)
+        """Fields that mean nothing here, or hold their default, are kept out of records (and run
+        identity), so existing ℓ∞ fp32 configs keep theirs: aa_chunk outside AutoAttack, precision
+        when fp32, eps_units for ℓ∞ (ℓ2 keeps "pixel": its identity changed with its units)."""
+        omit = () if self.attack == "autoattack" else ("aa_chunk",)
+        if self.precision == "fp32":
+            omit += ("precision",)
+        if self.norm != "l2":
+            omit += ("eps_units",)
+        return omit
 
 
 def replace(obj: Any, **changes: Any) -> Any:

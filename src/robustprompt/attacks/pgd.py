@@ -6,7 +6,6 @@ train/eval mode.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -72,7 +71,7 @@ def pgd(
     clean_logits: Optional[torch.Tensor] = None,
     seeds: Optional[Sequence[int]] = None,
     generator: Optional[torch.Generator] = None,
-    autocast_bf16: bool = False,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Projected gradient ascent on `loss` within the ε-ball around x.
 
@@ -80,13 +79,20 @@ def pgd(
     (detached, float32 like x). loss: "ce", "kl" (to the clean prediction), "dlr", or a callable
     (logits, y, clean_logits) → per-example loss. With restarts > 1 each example keeps the
     restart that misclassifies it, else the one with the highest loss. seeds: one integer per
-    example for the random start, making results independent of batching.
+    example for the random start, making results independent of batching. precision: "fp32", or
+    "bf16" to run the model's forwards and backwards under bf16 autocast (cheaper on GPUs, a
+    possibly weaker attack; the loss, the step and the projection stay fp32). ℓ2: eps is the radius
+    of δ's norm over all of an image's pixels and channels (3.0, as torchattacks and AutoAttack).
     """
     _check(eps, alpha, steps, norm, restarts)
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"unknown attack precision {str(precision)[:40]!r}; choose one of fp32, bf16")
     loss_fn = get_loss(loss) if isinstance(loss, str) else loss
     x = x.detach()
     y = y.detach()
-    amp = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if autocast_bf16 else nullcontext()
+    # fp32 switches off any autocast around the call (a bf16 training step's): attacks stay fp32
+    # unless asked; with no autocast around, disabling it changes nothing
+    amp = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     with fixed_text(model):
         if clean_logits is None and (loss == "kl"):
             with torch.no_grad(), amp:
@@ -125,7 +131,8 @@ def pgd(
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
-         loss: LossArg = "ce", clean_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+         loss: LossArg = "ce", clean_logits: Optional[torch.Tensor] = None,
+         precision: str = "fp32") -> torch.Tensor:
     """One gradient step of size eps from x (no random start)."""
     return pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm=norm, loss=loss,
-               random_start=False, clean_logits=clean_logits)
+               random_start=False, clean_logits=clean_logits, precision=precision)

@@ -19,12 +19,17 @@ ATTACKS = ("none", "fgsm", "pgd", "autoattack")
 # with the chunk's first image seed): per image is exact but 3-7x slower on CPU and far slower on a
 # GPU; a fixed chunk keeps resume and sharding exact as long as the engine aligns batches to chunks.
 AA_CHUNK = 64
+# Attack precisions: fp32 (the default, and what every published robust accuracy assumes) or bf16
+# autocast of the model's forward/backward inside PGD/FGSM (cheaper, possibly a weaker attack).
+ATTACK_PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
 class ThreatModel:
-    """An attack and its budget. eps and alpha are in pixel units (1/255 ≈ 0.0039); build one
-    from /255 units with `ThreatModel.from_255`. alpha None means eps/4."""
+    """An attack and its budget. eps and alpha are in pixel units of [0,1] images (ℓ∞: 1/255 ≈
+    0.0039; ℓ2: the norm of δ over all B's pixels and channels, e.g. 3.0); build an ℓ∞ one from
+    /255 units with `ThreatModel.from_255`. alpha None means eps/4 (both norms). precision: "fp32"
+    or "bf16" (autocast of the model inside PGD/FGSM; recorded by `describe`)."""
 
     attack: str = "pgd"
     norm: str = "linf"
@@ -36,6 +41,7 @@ class ThreatModel:
     random_start: bool = True
     aa_version: str = "standard"
     aa_chunk: int = AA_CHUNK
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.attack not in ATTACKS:
@@ -47,9 +53,14 @@ class ThreatModel:
         _check_finite("eps", self.eps)
         if self.eps < 0:
             raise ConfigError(f"eps must be >= 0, got {self.eps}")
-        if self.eps > 1:
+        if self.norm == "linf" and self.eps > 1:   # an ℓ2 ball of radius > 1 is an ordinary budget
             raise ConfigError(f"eps={self.eps} is larger than the whole [0,1] pixel range; "
                               "in Python eps is in pixel units (4/255), at the CLI in /255 units (4)")
+        if self.precision not in ATTACK_PRECISIONS:
+            raise ConfigError(f"unknown attack precision {_quote(self.precision)}; choose one of "
+                              f"{', '.join(ATTACK_PRECISIONS)}")
+        if self.precision != "fp32" and self.attack == "autoattack":
+            raise ConfigError("attack precision bf16 is for pgd and fgsm; AutoAttack runs in fp32")
         if self.alpha is not None:
             _check_finite("alpha", self.alpha)
             if self.alpha <= 0:
@@ -102,22 +113,25 @@ class ThreatModel:
         if self.attack != "autoattack":
             d.pop("aa_version")
             d.pop("aa_chunk")
-        d["precision"] = "float32"
+        d["precision"] = ATTACK_PRECISIONS[self.precision]   # "float32" as every record before it said
         return d
 
     def short(self) -> str:
-        """A compact label for tables: 'PGD-100 ℓ∞ ε=1/255 α=0.25/255'."""
+        """A compact label for tables: 'PGD-100 ℓ∞ ε=1/255 α=0.25/255', 'PGD-10 ℓ2 ε=3 α=0.75'."""
         if self.is_clean:
             return "clean"
-        n = "ℓ∞" if self.norm == "linf" else "ℓ2"
-        e = f"{self.eps * 255:g}/255"
+        linf = self.norm == "linf"
+        n = "ℓ∞" if linf else "ℓ2"
+        e = f"{self.eps * 255:g}/255" if linf else f"{self.eps:g}"   # ℓ2 in pixel units, as users give it
+        bf = "" if self.precision == "fp32" else f" {self.precision}"
         if self.attack == "autoattack":
             return f"AutoAttack-{self.aa_version} {n} ε={e}"
         if self.attack == "fgsm":
-            return f"FGSM {n} ε={e}"
+            return f"FGSM {n} ε={e}{bf}"
         extra = "" if self.loss == "ce" else f" {self.loss}"
         rs = "" if self.restarts == 1 else f" ×{self.restarts}"
-        return f"PGD-{self.steps}{rs}{extra} {n} ε={e} α={self.step_size * 255:g}/255"
+        a = f"{self.step_size * 255:g}/255" if linf else f"{self.step_size:g}"
+        return f"PGD-{self.steps}{rs}{extra} {n} ε={e} α={a}{bf}"
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
             seeds: Optional[Sequence[int]] = None, seed: int = 0,
@@ -133,11 +147,11 @@ class ThreatModel:
             return x.detach()
         if self.attack == "fgsm":
             return pgd(model, x, y, self.eps, self.eps, 1, norm=self.norm, loss=self.loss, random_start=False,
-                       clean_logits=clean_logits)
+                       clean_logits=clean_logits, precision=self.precision)
         if self.attack == "pgd":
             return pgd(model, x, y, self.eps, self.step_size, self.steps, norm=self.norm, loss=self.loss,
                        random_start=self.random_start, restarts=self.restarts, seeds=seeds,
-                       clean_logits=clean_logits)
+                       clean_logits=clean_logits, precision=self.precision)
         if seeds is None:   # without the engine's seeds, by position in x
             seeds = [seed * 1_000_003 + i for i in range(x.shape[0])]
         if len(seeds) != x.shape[0]:

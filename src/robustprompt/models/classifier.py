@@ -227,7 +227,9 @@ class PromptedClassifier(nn.Module):
         return F.normalize(feats, dim=-1), rec
 
     def logits_from(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        logits = self.model.logit_scale * image_features @ text_features.t()
+        # text features cached or pinned under another precision (a bf16 autocast pass) meet
+        # these image features in theirs; a no-op when the dtypes agree (every fp32 run)
+        logits = self.model.logit_scale * image_features @ text_features.t().to(image_features.dtype)
         bias = self.model.logit_bias
         return logits + bias if bias is not None else logits
 
