@@ -8,7 +8,6 @@ the user cache directory.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import filelock
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -74,12 +74,9 @@ def _build_lock(directory: Path) -> Iterator[None]:
     """Several processes (a distributed run, parallel tests) may ask for the backbone at once:
     one builds, the others wait and then load."""
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    # the platform lock (flock / LockFileEx): the OS drops it if the builder dies, even on kill -9
+    with filelock.FileLock(directory / ".lock", timeout=-1, thread_local=False):
+        yield
 
 
 def _is_built(directory: Path) -> bool:
