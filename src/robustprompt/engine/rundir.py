@@ -4,7 +4,8 @@ never share a directory, and `--overwrite` never deletes anything this toolkit d
 
 Layout:
   .robustprompt-run.json  the marker: kind, toolkit version, config hash, creation time
-  .robustprompt.lock      held (flock) by the process running in the directory; PID and command
+  .robustprompt.lock      locked (filelock: flock / LockFileEx) by the process running in the
+                          directory; PID and command
   config.yaml             the fully resolved configuration (written first)
   records.<hash>.part-<r>.jsonl  per-process records while running (one JSON line per image);
                           <hash> is the config's, so records of two configurations never mix
@@ -17,7 +18,7 @@ Guarantees:
   existed, a config.yaml of a known kind); anything else that is not empty is refused;
 - `--overwrite` deletes only the names listed in TOOLKIT_NAMES / the patterns below, and refuses
   a pre-marker directory that holds anything else;
-- the main process holds an exclusive flock on the directory from before it reads anything
+- the main process holds an exclusive OS file lock on the directory from before it reads anything
   until the run ends (the kernel releases it if the process dies, even on kill -9); a second
   process is refused with the holder's PID and command, or waits if asked (`wait_for_lock`).
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+import filelock
 import yaml
 
 from ..errors import ConfigError, DatasetError, ModelError, RobustPromptError, StorageError
@@ -206,22 +207,24 @@ def _refuse_foreign(path: Path) -> ConfigError:
 
 # ---------------------------------------------------------------------------- the lock
 class DirLock:
-    """An exclusive flock on `<dir>/.robustprompt.lock`, holding the owner's PID and command.
+    """An exclusive OS lock (`filelock.FileLock`: flock on Unix, LockFileEx on Windows) on
+    `<dir>/.robustprompt.lock`, whose content names the owner's PID and command.
 
-    The kernel drops a flock when its process dies (kill -9 included), so a stale file never
-    blocks anyone. The file is removed on release; a process that was waiting on the removed
-    file notices (its inode is gone) and locks the new one instead."""
+    The operating system drops the lock when its process dies (kill -9 included), so a stale file
+    never blocks anyone. We remove the file on release, while still holding it; a process that was
+    waiting on the removed file notices (the path names another file, or none) and locks anew."""
 
     def __init__(self, directory: Path) -> None:
         self.file = Path(directory) / LOCK
-        self.fd: Optional[int] = None
+        self._lock: Optional[filelock.BaseFileLock] = None
+        self._identity: Optional[tuple[int, int]] = None
 
     def acquire(self, wait: bool = False) -> None:
         announced = False
         while True:
-            fd = self._open()
+            lock = self._new_lock()
             try:
-                if not _try_flock(fd):
+                if not self._try(lock, blocking=False):
                     if not wait:
                         raise ConfigError(f"{str(self.file.parent)[:200]} is in use by another robustprompt "
                                           f"process ({self.holder()}); two runs in one directory would mix "
@@ -231,31 +234,50 @@ class DirLock:
                         print(f"waiting for {self.holder()} to finish with {str(self.file.parent)[:200]}",
                               file=sys.stderr, flush=True)
                         announced = True
-                    fcntl.flock(fd, fcntl.LOCK_EX)   # blocks until the holder releases or dies
-                if _same_file(fd, self.file):
+                    self._try(lock, blocking=True)   # until the holder releases or dies
+                if self._holds_path():
                     break
             except BaseException:
-                os.close(fd)
+                self._drop(lock)
                 raise
-            os.close(fd)   # the holder removed the file as it released it: lock the new one
-        self.fd = fd
-        self._write_holder()
+            self._drop(lock)   # the holder removed the file as it released it: lock the new one
+        self._lock = lock
 
-    def _open(self) -> int:
+    def _new_lock(self) -> filelock.BaseFileLock:
+        # preserve_lock_file: filelock never unlinks; release() does, while the lock is still held.
+        # on_acquired hands us the locked descriptor: its identity, and the holder's line.
+        return filelock.FileLock(self.file, timeout=-1, thread_local=False, preserve_lock_file=True,
+                                 on_acquired=self._on_acquired)
+
+    def _try(self, lock: filelock.BaseFileLock, blocking: bool) -> bool:
         try:
-            return os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            lock.acquire(blocking=blocking)
+            return True
+        except filelock.Timeout:
+            return False
         except OSError as exc:
             raise storage_error(self.file, exc) from exc
 
-    def _write_holder(self) -> None:
+    def _on_acquired(self, fd: int) -> None:
+        st = os.fstat(fd)
+        self._identity = (st.st_ino, st.st_dev)
         info = {"pid": os.getpid(), "command": " ".join(sys.argv)[:200],
                 "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+
+    def _holds_path(self) -> bool:
         try:
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, (json.dumps(info) + "\n").encode(), 0)
-        except OSError as exc:
-            self.release()
-            raise storage_error(self.file, exc) from exc
+            st = os.stat(self.file)
+        except FileNotFoundError:
+            return False
+        return (st.st_ino, st.st_dev) == self._identity
+
+    @staticmethod
+    def _drop(lock: filelock.BaseFileLock) -> None:
+        with contextlib.suppress(OSError):
+            lock.release(force=True)
 
     def holder(self) -> str:
         """'PID 123, since …: robustprompt eval …' from the lock file, as far as it can be read."""
@@ -266,30 +288,14 @@ class DirLock:
             return "a process that has not written its PID yet"
 
     def release(self) -> None:
-        if self.fd is None:
+        if self._lock is None:
             return
         with contextlib.suppress(OSError):
-            if _same_file(self.fd, self.file):
+            if self._holds_path():
                 self.file.unlink()   # while still holding it: nobody can have locked the new one
-        os.close(self.fd)
-        self.fd = None
-
-
-def _try_flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    own = os.fstat(fd)
-    return (st.st_ino, st.st_dev) == (own.st_ino, own.st_dev)
+        self._drop(self._lock)
+        self._lock = None
+        self._identity = None
 
 
 # ---------------------------------------------------------------------------- several processes
