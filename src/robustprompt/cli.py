@@ -208,8 +208,9 @@ def _parse_set(item: str) -> tuple[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_yaml, set_dotted
-    from .engine.experiment import load_experiment, run_experiment
+    from .engine.experiment import find_config, load_experiment, run_experiment
 
+    args.config = str(find_config(args.config))   # a file, or a config shipped with the package
     overrides: dict = {}
     pinned = []
     for item in args.set or []:
@@ -470,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = command("run", help="train + evaluate over seeds (and a grid), summarise mean ± std")
-    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("config", help="experiment YAML file, or the name of one shipped with robustprompt, e.g. "
+                                  "cba_fapt/few_shot (a file that exists wins)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a dotted key, e.g. train.data.root=/data (pins grid keys); repeatable")
     p.add_argument("--out", help="experiment folder (default runs/experiments/<name>)")

@@ -6,6 +6,7 @@ target, so a killed experiment resumes where it stopped and finished runs are ne
 """
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import re
@@ -201,9 +202,43 @@ def summarize(rows: list[dict], cfg: ExperimentConfig) -> dict[str, Any]:
     return {"name": cfg.name, "rows": rows, "aggregate": agg, "threat": threat, "markdown": md}
 
 
+# The paper protocols ship inside the package, so an installed robustprompt finds them by name.
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the experiment YAMLs shipped with the package, e.g. ['apd/few_shot', …]."""
+    if not PACKAGED_CONFIGS.is_dir():
+        return []
+    return sorted(p.relative_to(PACKAGED_CONFIGS).with_suffix("").as_posix()
+                  for p in PACKAGED_CONFIGS.rglob("*.yaml"))
+
+
+def find_config(name: str | Path) -> Path:
+    """The experiment YAML that `name` means: a path that exists wins; otherwise a config shipped
+    with the package, named with or without `configs/` in front and `.yaml` behind
+    (`cba_fapt/few_shot`, `configs/cba_fapt/few_shot.yaml`). Neither: a one-line ConfigError that
+    lists the packaged names and the nearest one."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    key = path.as_posix().removeprefix("./").removeprefix("configs/").removesuffix(".yaml").removesuffix(".yml")
+    known = packaged_configs()
+    if key in known:
+        return PACKAGED_CONFIGS / f"{key}.yaml"
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    shipped = ", ".join(known) if known else "none (this installation lacks robustprompt/configs)"
+    raise ConfigError(f"config file {str(name)[:200]} does not exist, and no config shipped with robustprompt "
+                      f"is named {key[:100]}{hint} (shipped: {shipped})")
+
+
 def load_experiment(path: str | Path, overrides: Optional[dict] = None) -> ExperimentConfig:
+    """Load experiment config `path` (a file, or a packaged name: see `find_config`), with
+    `overrides` (a nested dict) merged over it, and validate every grid point."""
     from ..config import deep_merge, load_yaml
 
+    path = find_config(path)
     raw = load_yaml(path)
     if overrides:
         raw = deep_merge(raw, overrides)
