@@ -105,6 +105,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wait", action="store_true",
                    help="if another process is running in --out, wait for it instead of refusing")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--report-to", metavar="NAME",
+                   help="also write the scalars (always in the run's scalars.csv) to: tensorboard (needs "
+                        "`pip install tensorboard`; events in <run>/tensorboard), or none (default: none)")
 
 
 def add_params(raw: dict, items: Optional[Sequence[str]]) -> None:
@@ -147,6 +150,7 @@ def build_config(cls: type, args: argparse.Namespace, *tables: dict[str, str]) -
 # ------------------------------------------------------------------------------ commands
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.evaluate import EvalConfig, evaluate
+    from .engine.runlog import last_log_path, tee_to_log
     from .report.console import print_metrics
 
     from .config import deep_merge, from_dict, load_yaml
@@ -162,9 +166,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         budget = {k: v for k, v in attack.items() if k in ("norm", "eps")}
         raw["also"] = [*also, *({"attack": a, **budget} for a in args.also)]
     cfg = from_dict(EvalConfig, raw, args.config or "config")
-    metrics = evaluate(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress)
+    metrics = evaluate(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress,
+                       report_to=args.report_to)
     if metrics is not None:
-        print_metrics(metrics)
+        with tee_to_log(last_log_path()):   # the summary lines also go to the run's log.txt
+            print_metrics(metrics)
     return 0
 
 
@@ -180,6 +186,7 @@ TRAIN_ATTACK_FLAGS = {"train_eps": "train_attack.eps", "train_alpha": "train_att
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import deep_merge, load_yaml
+    from .engine.runlog import last_log_path, tee_to_log
     from .engine.train import train, train_config_from_dict
     from .report.console import print_train_summary
 
@@ -188,9 +195,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                                              TRAIN_ATTACK_FLAGS, RUN_FLAGS))
     add_params(raw, args.param)
     cfg = train_config_from_dict(raw, args.config or "config")
-    metrics = train(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress)
+    metrics = train(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress,
+                    report_to=args.report_to)
     if metrics is not None:
-        print_train_summary(metrics)
+        with tee_to_log(last_log_path()):   # the summary lines also go to the run's log.txt
+            print_train_summary(metrics)
     return 0
 
 
@@ -237,6 +246,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_tta(args: argparse.Namespace) -> int:
     from .config import deep_merge, from_dict, load_yaml
+    from .engine.runlog import last_log_path, tee_to_log
     from .engine.tta import TTAConfig, run_tta
     from .report.console import print_metrics
 
@@ -251,9 +261,11 @@ def cmd_tta(args: argparse.Namespace) -> int:
         raw["adaptive"] = True
     add_params(raw, args.param)
     cfg = from_dict(TTAConfig, raw, args.config or "config")
-    metrics = run_tta(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress)
+    metrics = run_tta(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress,
+                      report_to=args.report_to)
     if metrics is not None:
-        print_metrics(metrics)
+        with tee_to_log(last_log_path()):   # the summary lines also go to the run's log.txt
+            print_metrics(metrics)
     return 0
 
 

@@ -10,7 +10,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from ..config import SEED_LIMIT, AttackSpec, DataSpec, ModelSpec, to_dict
 from ..errors import ConfigError
 from ..models.sources import model_slug
 from .identity import model_fingerprint, split_fingerprint
+from . import runlog
 from .runtime import process_state
 from .rundir import RunDir, check_out_dir, config_hash
 from .sharded import aa_chunk, run_per_image
@@ -89,13 +90,16 @@ def environment() -> dict[str, Any]:
 
 
 def evaluate(cfg: EvalConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
-             progress: bool = True, wait_for_lock: bool = False) -> Optional[dict[str, Any]]:
+             progress: bool = True, wait_for_lock: bool = False,
+             report_to: Sequence[str] | str | None = None) -> Optional[dict[str, Any]]:
     """Run (or resume) an evaluation; returns the metrics on the main process.
 
     The run directory is locked for the whole run: another process on it is refused with a
-    ConfigError naming its PID, unless `wait_for_lock` (then this one waits for it)."""
+    ConfigError naming its PID, unless `wait_for_lock` (then this one waits for it). log.txt and
+    scalars.csv are written in the run directory; report_to="tensorboard" adds TensorBoard events."""
     if out is not None:
         check_out_dir(out)   # before any work
+    report_to = runlog.require_reporters(report_to)   # before any work: a missing tensorboard
     state, device = process_state(cfg.device)
     config = {"kind": "eval", **to_dict(cfg)}
     if not cfg.also:  # a single-attack run keeps the config (and run directory) it always had
@@ -104,7 +108,8 @@ def evaluate(cfg: EvalConfig, out: Optional[str | Path] = None, *, overwrite: bo
     task = load_task(cfg.data)
     eval_identity(config, cfg.model, task)
     run = RunDir(out or default_run_dir("eval", config, cfg.model, cfg.data), config, overwrite=overwrite)
-    with run.open(state, wait_for_lock=wait_for_lock) as resumed:
+    with run.open(state, wait_for_lock=wait_for_lock) as resumed, \
+            runlog.run_logging(run.path, "eval", main_process=state.is_main_process, report_to=report_to):
         if resumed and run.metrics() is not None:
             return run.metrics() if state.is_main_process else None
         return _evaluate(cfg, run, state, device, task, progress)

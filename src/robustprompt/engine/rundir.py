@@ -60,11 +60,12 @@ _HINTS = {"model.fingerprint.prompts": "the prompts file changed",
 # Everything the toolkit writes at the top of a run or experiment directory, and in checkpoints/.
 TOOLKIT_NAMES = frozenset({"config.yaml", "metrics.json", "records.jsonl", "prompts.safetensors",
                            "method_state.safetensors", "experiment.yaml", "summary.json", "summary.md",
-                           MARKER, LOCK})
+                           "log.txt", "scalars.csv", MARKER, LOCK})
 _TOP_PATTERNS = (re.compile(r"records(\.[0-9a-f]{10})?\.part-\d+\.jsonl"),
                  re.compile(r"\.(prompts|extra)\.tmp\.safetensors"))      # temporaries of earlier versions
 _CKPT_PATTERNS = (re.compile(r"epoch-\d+\.(safetensors|json)"), re.compile(r"\.epoch-\d+\.tmp\.safetensors"))
 _TMP = re.compile(r"\.(?P<base>.+)\.tmp\d+")                                # paths.atomic_write_bytes
+_EVENTS = re.compile(r"events\.out\.tfevents\.[\w.\-]+")                    # --report-to tensorboard
 
 
 def _runtime_keys(config: dict) -> tuple[str, ...]:
@@ -124,6 +125,9 @@ def _foreign_entries(path: Path) -> list[str]:
         if entry.name == "checkpoints" and entry.is_dir() and not entry.is_symlink():
             out += [f"checkpoints/{e.name}" for e in sorted(entry.iterdir())
                     if not (e.is_file() and _is_checkpoint_name(e.name))]
+        elif entry.name == "tensorboard" and entry.is_dir() and not entry.is_symlink():
+            out += [f"tensorboard/{e.name}" for e in sorted(entry.iterdir())
+                    if not (e.is_file() and _EVENTS.fullmatch(e.name))]
         elif not (is_toolkit_name(entry.name) and (entry.is_file() or entry.is_symlink())):
             out.append(entry.name)
     return out
@@ -136,6 +140,12 @@ def _delete_toolkit_files(path: Path) -> None:
             if entry.name == "checkpoints" and entry.is_dir() and not entry.is_symlink():
                 for e in entry.iterdir():
                     if e.is_file() and _is_checkpoint_name(e.name):
+                        e.unlink()
+                if not any(entry.iterdir()):
+                    entry.rmdir()
+            elif entry.name == "tensorboard" and entry.is_dir() and not entry.is_symlink():
+                for e in entry.iterdir():
+                    if e.is_file() and _EVENTS.fullmatch(e.name):
                         e.unlink()
                 if not any(entry.iterdir()):
                     entry.rmdir()

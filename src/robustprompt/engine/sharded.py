@@ -11,7 +11,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data.base import Split
+from . import runlog
 from .rundir import RunDir
+from .runlog import progress_bar
+
 
 def aa_chunk(threats: Iterable) -> Optional[int]:
     """The chunk size the per-image loop must keep whole when an AutoAttack is among `threats`
@@ -101,8 +104,9 @@ def run_per_image(
         desc = f"{desc} [process {state.process_index + 1}/{state.num_processes}]"
     if len(remaining) < len(indices) and state.is_main_process and progress:
         tqdm.write(f"resuming: {len(indices) - len(remaining)} of {len(indices)} images already done")
-    bar = tqdm(total=len(mine), desc=desc, unit="img", disable=not (progress and state.is_main_process),
-               dynamic_ncols=True)
+    bar = progress_bar(len(mine), desc, "img", disable=not (progress and state.is_main_process))
+    scalars = runlog.active()   # eval progress into scalars.csv / TensorBoard (main process only)
+    seen = {"n": 0, "clean": 0, "adv": 0}
     device = state.device
     for x, y, idx in loader:
         t0 = time.perf_counter()
@@ -113,6 +117,8 @@ def run_per_image(
                    for rec, i, label in zip(records, idx_list, y.tolist())]
         run.append_records(state.process_index, records)
         bar.update(len(idx_list))
+        if scalars is not None:
+            _log_progress(scalars, seen, records, len(indices) - len(remaining))
     bar.close()
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -122,3 +128,16 @@ def run_per_image(
     if missing:
         raise RuntimeError(f"{len(missing)} images have no record after the run (first: {missing[:5]})")
     return {i: records[i] for i in indices}
+
+
+def _log_progress(scalars: "runlog.RunLog", seen: dict[str, int], records: list[dict], already: int) -> None:
+    """Running accuracies of this session's images (this process's shard), stepped by images done."""
+    seen["n"] += len(records)
+    seen["clean"] += sum(r.get("clean_pred") == r["label"] for r in records)
+    seen["adv"] += sum(r.get("adv_pred") == r["label"] for r in records)
+    step = already + seen["n"]
+    scalars.add("eval/images_done", step, step)
+    if any("clean_pred" in r for r in records):
+        scalars.add("eval/clean_acc_so_far", 100.0 * seen["clean"] / seen["n"], step)
+    if any("adv_pred" in r for r in records):
+        scalars.add("eval/robust_acc_so_far", 100.0 * seen["adv"] / seen["n"], step)

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ from ..paths import atomic_save_tensors, atomic_write_text
 from .evaluate import check_seed, environment
 from .grad_share import share_record
 from .identity import model_fingerprint, split_fingerprint
+from . import runlog
+from .runlog import progress_bar
 from .runtime import process_state
 from .rundir import RunDir, check_out_dir, config_hash
 from .sharded import IndexedImages
@@ -160,16 +162,19 @@ def default_train_dir(cfg_dict: dict, cfg: TrainConfig) -> Path:
 
 
 def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
-          progress: bool = True, wait_for_lock: bool = False) -> Optional[dict[str, Any]]:
+          progress: bool = True, wait_for_lock: bool = False,
+          report_to: Sequence[str] | str | None = None) -> Optional[dict[str, Any]]:
     """Train (or resume, or return the finished) run; returns its summary on the main process.
 
     The run's identity covers everything that changes the prompts it computes: every setting
     except device and progress (batch size and workers included: they change the data order
     and augmentation), the backbone weights (SHA-256 of a weight file) and the training images
     (ids and labels, class names). The run directory is locked for the whole run: another process
-    on it is refused with a ConfigError naming its PID, unless `wait_for_lock`."""
+    on it is refused with a ConfigError naming its PID, unless `wait_for_lock`.
+    report_to: "tensorboard" also writes the scalars (always in scalars.csv) as TensorBoard events."""
     if out is not None:
         check_out_dir(out)   # before any work
+    report_to = runlog.require_reporters(report_to)   # before any work: a missing tensorboard
     state, device = process_state(cfg.device)
     method = build_method(cfg.method.name, cfg.method.params, cfg.train_attack.threat())
     prompt_cfg = cfg.model.prompt or method.default_prompt
@@ -188,7 +193,8 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
     config["data"]["fingerprint"] = split_fingerprint(split.ids, split.labels, indices, dataset.classnames)
 
     run = RunDir(out or default_train_dir(config, cfg), config, overwrite=overwrite)
-    with run.open(state, wait_for_lock=wait_for_lock):
+    with run.open(state, wait_for_lock=wait_for_lock), \
+            runlog.run_logging(run.path, "train", main_process=state.is_main_process, report_to=report_to):
         if (run.path / "prompts.safetensors").exists() and run.metrics() is not None:
             return run.metrics() if state.is_main_process else None
         return _train(cfg, run, state, device, method, prompt_cfg, dataset, split, indices, few_shot_source,
@@ -226,8 +232,9 @@ def _train(cfg: TrainConfig, run: RunDir, state, device, method: Method, prompt_
     data = IndexedImages(split, indices, transform)
     B, W, rank = cfg.data.batch_size, state.num_processes, state.process_index
     steps_per_epoch = math.ceil(len(indices) / B)
-    bar = tqdm(total=(opt.epochs - start_epoch) * steps_per_epoch, desc=f"train {method.name} {dataset.name}",
-               unit="step", disable=not (progress and state.is_main_process), dynamic_ncols=True)
+    bar = progress_bar((opt.epochs - start_epoch) * steps_per_epoch, f"train {method.name} {dataset.name}",
+                       "step", disable=not (progress and state.is_main_process))
+    scalars = runlog.active()
     clf.train()
     for epoch in range(start_epoch, opt.epochs):
         lr = opt.lr_at(epoch)
@@ -255,6 +262,9 @@ def _train(cfg: TrainConfig, run: RunDir, state, device, method: Method, prompt_
                     shares = share_record(result, params)
                 (result.loss * (len(local) / n_global)).backward()
                 _accumulate(sums, counts, result, y)
+                if scalars is not None:   # this process's batch loss (the main process's shard)
+                    scalars.add("train/loss", float(result.loss.detach()), epoch * steps_per_epoch + s + 1)
+                    scalars.add("train/lr", lr, epoch * steps_per_epoch + s + 1)
             if W > 1:
                 for p in params:
                     if p.grad is None:
@@ -267,6 +277,8 @@ def _train(cfg: TrainConfig, run: RunDir, state, device, method: Method, prompt_
         summary.update(shares)  # this process's first batch of the epoch
         summary["time_s"] = round(time.time() - t_epoch, 3)
         history.append(summary)
+        if scalars is not None:   # the epoch's summary (loss, accuracies, term shares) by epoch number
+            scalars.add_many(summary, epoch + 1, prefix="epoch/")
         _check_params_finite(clf, method, epoch)   # every process holds the same prompts: all stop
         if state.is_main_process:
             _save_checkpoint(run, clf, method, optimizer, epoch, summary)

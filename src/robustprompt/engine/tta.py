@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -39,6 +39,7 @@ from ..models.sources import model_slug
 from ..errors import ConfigError
 from ..tta.procedures import build_procedure, procedure_class
 from .evaluate import check_seed, environment, eval_identity, image_seed
+from . import runlog
 from .runtime import process_state
 from .rundir import RunDir, check_out_dir, config_hash
 from .sharded import aa_chunk, run_per_image
@@ -221,11 +222,14 @@ def attacks_record(cfg: TTAConfig, recs: list[dict], n_classes: int) -> list[dic
 
 
 def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
-            progress: bool = True, wait_for_lock: bool = False) -> Optional[dict[str, Any]]:
+            progress: bool = True, wait_for_lock: bool = False,
+            report_to: Sequence[str] | str | None = None) -> Optional[dict[str, Any]]:
     """Run (or resume) a test-time defence under attack; returns the metrics on the main process.
-    The run directory is locked as in `evaluate` (`wait_for_lock`: wait for another process)."""
+    The run directory is locked as in `evaluate` (`wait_for_lock`: wait for another process);
+    log.txt, scalars.csv and report_to as in `evaluate`."""
     if out is not None:
         check_out_dir(out)   # before any work
+    report_to = runlog.require_reporters(report_to)   # before any work: a missing tensorboard
     state, device = process_state(cfg.device)
     params, augmix_source = resolve_augmix(cfg.method, cfg.data.dataset)
     procedure = build_procedure(cfg.method.name, params)
@@ -239,7 +243,8 @@ def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool
     ds = cfg.data.dataset.replace(":", "_").replace("/", "_")
     default = Path("runs") / "tta" / f"{procedure.name}-{ds}-{model_slug(model_spec.name)}-{config_hash(config)}"
     run = RunDir(out or default, config, overwrite=overwrite)
-    with run.open(state, wait_for_lock=wait_for_lock) as resumed:
+    with run.open(state, wait_for_lock=wait_for_lock) as resumed, \
+            runlog.run_logging(run.path, "tta", main_process=state.is_main_process, report_to=report_to):
         if resumed and run.metrics() is not None:
             return run.metrics() if state.is_main_process else None
         return _run_tta(cfg, run, state, device, task, procedure, model_spec, augmix_source, progress)
