@@ -22,10 +22,13 @@ log = logging.getLogger("robustprompt")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """"auto" (CUDA if available, else CPU) or a torch device string; ConfigError for anything torch
-    cannot parse or this machine does not have."""
+    """"auto" (CUDA if available, else Apple's MPS if available, else CPU) or a torch device
+    string ("cuda:1" keeps its index); ConfigError for anything torch cannot parse or this
+    machine does not have."""
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
