@@ -295,6 +295,25 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """`data check` (exit 2 when anything is missing or unreadable) and `data prepare`."""
+    from .errors import DatasetError
+
+    if args.action == "check":
+        from .data.check import check_dataset
+
+        report = check_dataset(args.dataset, args.root, full=args.full, sample=args.sample)
+        print("\n".join(report.lines()))
+        if report.problems:
+            raise DatasetError(f"{report.dataset} under {report.root} is not usable: "
+                               f"{len(report.problems)} problem(s), listed above")
+        return 0
+    from .data.prepare import prepare
+
+    print("\n".join(prepare(args.dataset, args.root, dry_run=args.dry_run)))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -540,6 +559,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="explain.png")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_explain)
+
+    p = command("data", help="check a dataset's files (data check) or fetch what can be fetched (data prepare)")
+    data_sub = p.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=OneLineParser)
+    for action, text in (("check", "verify a CoOp-layout dataset: folders, split file, class count, missing and "
+                                   "unreadable images; says exactly what is missing (exit 2 if anything is)"),
+                         ("prepare", "download the public archives (torchvision's sources) into the CoOp layout "
+                                     "and print the manual steps for the rest")):
+        q = data_sub.add_parser(action, help=text, description=text)
+        q.add_argument("--dataset", required=True, help="dataset name (`robustprompt list datasets`)")
+        q.add_argument("--root", required=True, help="data root holding the CoOp-layout dataset folders")
+        if action == "check":
+            q.add_argument("--full", action="store_true", help="decode every image (default: a seeded sample)")
+            q.add_argument("--sample", type=int, default=16, help="images decoded per split without --full "
+                                                                  "(default: 16)")
+        else:
+            q.add_argument("--dry-run", action="store_true", help="print the plan, download nothing")
+    p.set_defaults(func=cmd_data)
 
     p = command("report", help="tables (md, csv, latex) and plots from run directories")
     p.add_argument("runs", nargs="+", help="run directories or folders holding them")

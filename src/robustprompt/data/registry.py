@@ -60,5 +60,10 @@ def build_dataset(name: str, root: str | Path | None = None, download: bool = Fa
         return build_fashion_mnist(root, download=download)
     if root is None:
         raise DatasetError(f"dataset {canonical!r} needs a data root: the folder that holds the "
-                           "CoOp dataset folders (see robustprompt.data for the layout)")
-    return build_coop(canonical, root)
+                           f"CoOp dataset folders (`robustprompt data prepare --dataset {canonical} --root DIR` "
+                           "says how to fill it)")
+    try:
+        return build_coop(canonical, root)
+    except DatasetError as exc:   # the loader stops at the first problem; the check lists them all
+        raise DatasetError(f"{exc}; run `robustprompt data check --dataset {canonical} --root {str(root)[:200]}` "
+                           "for everything that is missing") from None
