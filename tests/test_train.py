@@ -168,7 +168,8 @@ def test_config_errors_are_named():
 def test_partial_sections_keep_their_defaults():
     cfg = train_config_from_dict({"method": {"name": "fap"}, "model": {"prompt": {"depth": 3}},
                                   "train_attack": {"eps": 4}})
-    assert cfg.train_attack.steps == 2 and cfg.train_attack.alpha == 1.0  # training defaults, not eval's
+    assert cfg.train_attack.steps == 2  # training defaults, not eval's
+    assert cfg.train_attack.alpha is None  # a new ε without α: α = ε/4, the eval rule (issue 12)
     assert cfg.model.prompt.coupling == "coupled-v2t" and cfg.model.prompt.depth == 3 and cfg.model.prompt.n_ctx == 2
 
 

@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
+from .cli_config import (add_config_args, annotate_defaults, apply_sets, check_dataset_given, check_run_model,
+                         eval_description, print_config)
 from .errors import RobustPromptError
 from .messages import one_line
 
@@ -54,7 +56,7 @@ def add_model_args(p: argparse.ArgumentParser, *, loads_prompts: bool = True) ->
         return
     g.add_argument("--run", help="learned prompts to load: a training run directory or hf-hub:ORG/REPO[@REVISION] "
                                  "(a repo `robustprompt push` wrote); its backbone is used (--pretrained: the "
-                                 "same weights, moved)")
+                                 "same weights, moved, hash-checked; --model: refused unless it names that backbone)")
     g.add_argument("--allow-backbone-mismatch", action="store_const", const=True, default=None,
                    help="load --run prompts onto backbone weights whose SHA-256 differs from the recorded one")
     _add_prompt_layout_args(g)
@@ -85,7 +87,8 @@ def add_attack_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attack", choices=["none", "fgsm", "pgd", "autoattack"])
     g.add_argument("--norm", choices=["linf", "l2"])
     g.add_argument("--eps", type=float)
-    g.add_argument("--alpha", type=float, help="step size (default eps/4)")
+    g.add_argument("--alpha", type=float, help="step size (one rule, also for train's --train-alpha: eps/4 unless "
+                                               "given)")
     g.add_argument("--steps", type=int)
     g.add_argument("--restarts", type=int)
     g.add_argument("--loss", choices=["ce", "kl", "dlr"])
@@ -97,9 +100,11 @@ def add_attack_args(p: argparse.ArgumentParser) -> None:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--config", help="YAML config; flags override its keys")
+    add_config_args(g)
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 …")
-    g.add_argument("--out", help="run directory (default: runs/<command>/<dataset>-<model>-<hash>)")
+    g.add_argument("--out", help="run directory (default: runs/<command>/<dataset>-<model>-<hash>, printed at the start "
+                                 "and end; runs/<command>/latest points at the last finished one)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a different run in --out (only files robustprompt wrote are deleted)")
     g.add_argument("--wait", action="store_true",
@@ -147,6 +152,29 @@ def build_config(cls: type, args: argparse.Namespace, *tables: dict[str, str]) -
     return from_dict(cls, merged, args.config or "config")
 
 
+def resolved_only(raw: dict, cfg: Any, args: argparse.Namespace, command: str) -> bool:
+    """Refuse what would surprise (a forgotten --dataset, --model beside --run); then, with
+    --print-config, print the resolved config and return True: the command stops there."""
+    check_dataset_given(raw, cfg, command)
+    check_run_model(raw)
+    if args.print_config:
+        print_config(cfg)
+        return True
+    return False
+
+
+def check_experiment_key(key: str) -> None:
+    """`run --set KEY`: train.* keys are a TrainConfig's, the rest the experiment file's."""
+    from .config import check_dotted_key
+    from .engine.experiment import ExperimentConfig
+    from .engine.train import TrainConfig
+
+    if key.startswith("train."):
+        check_dotted_key(TrainConfig, key[len("train."):], "train.")
+    elif key.split(".")[0] != "grid":
+        check_dotted_key(ExperimentConfig, key)
+
+
 # ------------------------------------------------------------------------------ commands
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.evaluate import EvalConfig, evaluate
@@ -165,7 +193,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError("attack must be a mapping and also a list to add --also attacks to them")
         budget = {k: v for k, v in attack.items() if k in ("norm", "eps")}
         raw["also"] = [*also, *({"attack": a, **budget} for a in args.also)]
+    apply_sets(raw, args.set_items, EvalConfig)
     cfg = from_dict(EvalConfig, raw, args.config or "config")
+    if resolved_only(raw, cfg, args, "eval"):
+        return 0
     metrics = evaluate(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress,
                        report_to=args.report_to)
     if metrics is not None:
@@ -187,14 +218,17 @@ TRAIN_ATTACK_FLAGS = {"train_eps": "train_attack.eps", "train_alpha": "train_att
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import deep_merge, load_yaml
     from .engine.runlog import last_log_path, tee_to_log
-    from .engine.train import train, train_config_from_dict
+    from .engine.train import TrainConfig, train, train_config_from_dict
     from .report.console import print_train_summary
 
     base = load_yaml(args.config) if args.config else {}
     raw = deep_merge(base, collect_overrides(args, MODEL_FLAGS, TRAIN_DATA_FLAGS, TRAIN_FLAGS,
                                              TRAIN_ATTACK_FLAGS, RUN_FLAGS))
     add_params(raw, args.param)
+    apply_sets(raw, args.set_items, TrainConfig)
     cfg = train_config_from_dict(raw, args.config or "config")
+    if resolved_only(raw, cfg, args, "train"):
+        return 0
     metrics = train(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress,
                     report_to=args.report_to)
     if metrics is not None:
@@ -224,6 +258,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     pinned = []
     for item in args.set or []:
         key, value = _parse_set(item)
+        check_experiment_key(key)
         set_dotted(overrides, key, value)
         pinned.append(key)
     if args.device:
@@ -237,6 +272,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if grid:
             overrides["grid"] = grid
     cfg = load_experiment(args.config, overrides)
+    if args.print_config:
+        print_config(cfg)
+        return 0
     summary = run_experiment(cfg, args.out, progress=not args.no_progress, where=args.config,
                              wait_for_lock=args.wait)
     if summary is not None:
@@ -260,7 +298,10 @@ def cmd_tta(args: argparse.Namespace) -> int:
     if raw.get("adaptive") == []:  # a bare --adaptive: both threat models
         raw["adaptive"] = True
     add_params(raw, args.param)
+    apply_sets(raw, args.set_items, TTAConfig)
     cfg = from_dict(TTAConfig, raw, args.config or "config")
+    if resolved_only(raw, cfg, args, "tta"):
+        return 0
     metrics = run_tta(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress,
                       report_to=args.report_to)
     if metrics is not None:
@@ -283,6 +324,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     check_seed(args.subset_seed, "--subset-seed")
     attack = AttackSpec(attack="pgd", eps=args.eps, alpha=args.alpha, steps=args.steps)
     model = ModelSpec(name=args.model, pretrained=args.pretrained, quick_gelu=args.quick_gelu)
+    if args.print_config:
+        print_config({"image": args.image, "n": args.n, "dataset": args.dataset, "root": args.root,
+                      "split": args.split, "subset_seed": args.subset_seed, "label": args.label, "model": model,
+                      "runs": args.run or [], "attack": attack, "target": args.target, "out": args.out,
+                      "device": args.device})
+        return 0
     written, pairs = run_explain(image=args.image, dataset=args.dataset, root=args.root, split=args.split, n=args.n or 1,
                                  subset_seed=args.subset_seed, model=model, runs=args.run or [],
                                  threat=attack.threat(), target=args.target, label=args.label, out=args.out,
@@ -453,7 +500,9 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message, 600)} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
+    """defaults_in_help: read each flag's default from the config dataclasses into its help (this
+    imports torch; main() asks for it only when --help is on the command line)."""
     from . import __version__
 
     parser = OneLineParser(prog="robustprompt", description=__doc__.split("\n")[0] if __doc__ else None)
@@ -467,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, **kw: Any) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[verbose], **kw)
 
+    defaults: dict[str, argparse.ArgumentParser] = {}   # commands whose --help shows the config defaults
+
     p = command("eval", help="clean and robust accuracy of a (prompted) classifier on a dataset")
     add_model_args(p)
     add_data_args(p)
@@ -476,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "image, and each attack's own accuracy is reported (e.g. --attack pgd --also autoattack)")
     add_run_args(p)
     p.set_defaults(func=cmd_eval)
+    defaults["eval"] = p
 
     p = command("train", help="few-shot prompt tuning with one method on one dataset")
     add_model_args(p, loads_prompts=False)
@@ -495,11 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", choices=["coop", "flip", "none"])
     g.add_argument("--download", action="store_const", const=True, default=None)
     g = p.add_argument_group("training attack (/255 units)")
-    g.add_argument("--train-eps", type=float)
-    g.add_argument("--train-alpha", type=float)
+    g.add_argument("--train-eps", type=float, help="ℓ∞ budget of the training attack")
+    g.add_argument("--train-alpha", type=float,
+                   help="its step size; one rule, as eval's --alpha: eps/4 unless given (a --train-eps without "
+                        "--train-alpha gets eps/4; the built-in threat is FAP's PGD-2, ε = α = 1/255)")
     g.add_argument("--train-steps", type=int)
     add_run_args(p)
     p.set_defaults(func=cmd_train)
+    defaults["train"] = p
 
     p = command("run", help="train + evaluate over seeds (and a grid), summarise mean ± std")
     p.add_argument("config", help="experiment YAML file, or the name of one shipped with robustprompt, e.g. "
@@ -508,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a dotted key, e.g. train.data.root=/data (pins grid keys); repeatable")
     p.add_argument("--out", help="experiment folder (default runs/experiments/<name>)")
     p.add_argument("--device")
+    add_config_args(p, dotted_set=False)
     p.add_argument("--wait", action="store_true",
                    help="if another process is running in --out, wait for it instead of refusing")
     p.add_argument("--no-progress", action="store_true")
@@ -534,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round adversarial images to 8 bits before the defence (off by default)")
     add_run_args(p)
     p.set_defaults(func=cmd_tta)
+    defaults["tta"] = p
 
     p = command("explain", help="attribution maps, clean vs adversarial, as a figure (PNG + PDF)")
     p.add_argument("--image", help="an image file, or 'example' for the packaged Fashion-MNIST image")
@@ -556,8 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["label", "pred"], default="label",
                    help="explain the true class (or, without a label, the clean prediction) on both images "
                         "(default, comparable maps), or each image's own prediction")
-    p.add_argument("--out", default="explain.png")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="explain.png", help="figure file (default: explain.png; a .pdf beside it)")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA, else MPS, else CPU, as every command), "
+                                                    "cpu, cuda, cuda:1 …")
+    add_config_args(p, dotted_set=False)
     p.set_defaults(func=cmd_explain)
 
     p = command("data", help="check a dataset's files (data check) or fetch what can be fetched (data prepare)")
@@ -652,7 +711,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+    if defaults_in_help:
+        _show_defaults(defaults)
     return parser
+
+
+TTA_FLAGS = {"method": "method.name", "adaptive_steps": "adaptive_attack.steps", "eot": "adaptive_attack.eot",
+             "adaptive_loss": "adaptive_attack.loss", "adaptive_restarts": "adaptive_attack.restarts",
+             "defence_seed": "defence_seed", "quantize_adv": "quantize_adv"}
+
+
+def _show_defaults(parsers: dict[str, argparse.ArgumentParser]) -> None:
+    """Each flag's help states its default, read from the command's config dataclass."""
+    from .engine.evaluate import EvalConfig
+    from .engine.train import TrainConfig
+    from .engine.tta import TTAConfig
+
+    shared = (MODEL_FLAGS, ATTACK_FLAGS, RUN_FLAGS)
+    annotate_defaults(parsers["eval"], EvalConfig, *shared, DATA_FLAGS)
+    parsers["eval"].description = eval_description(EvalConfig)
+    annotate_defaults(parsers["tta"], TTAConfig, *shared, DATA_FLAGS, TTA_FLAGS)
+    annotate_defaults(parsers["train"], TrainConfig, MODEL_FLAGS, RUN_FLAGS, TRAIN_DATA_FLAGS, TRAIN_FLAGS,
+                      TRAIN_ATTACK_FLAGS)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -671,12 +751,31 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _StdoutHandler(_StderrHandler):
+    """Log records to whatever sys.stdout is when they are emitted."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     for h in [h for h in log.handlers if isinstance(h, _StderrHandler)]:  # main() run again in-process
         log.removeHandler(h)
     log.addHandler(_StderrHandler())
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+    # "run directory: PATH" at the start and end of a run, on stdout: an error stays the one line on stderr
+    rundir_log = logging.getLogger("robustprompt.rundir")
+    for h in [h for h in rundir_log.handlers if isinstance(h, _StdoutHandler)]:
+        rundir_log.removeHandler(h)
+    rundir_log.addHandler(_StdoutHandler())
+    rundir_log.setLevel(logging.INFO)
+    rundir_log.propagate = False
 
 
 def environment_error_line(exc: OSError) -> str:
@@ -686,7 +785,8 @@ def environment_error_line(exc: OSError) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(defaults_in_help=any(w in ("-h", "--help") for w in words))
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
     if not getattr(args, "func", None):

@@ -146,7 +146,12 @@ def _onto_field_default(f: dataclasses.Field, value: Any) -> Any:
         return value
     if not is_dataclass(default):
         return value
-    return {**to_dict(default), **value}
+    inherited = to_dict(default)
+    if isinstance(default, AttackSpec) and "eps" in value and "alpha" not in value:
+        # a step size belongs to its budget: a new ε without an α takes the one rule, α = ε/4,
+        # not the default threat's α (training's PGD-2 has α = ε = 1/255; --train-eps 4 → α = 1/255)
+        inherited.pop("alpha", None)
+    return {**inherited, **value}
 
 
 def to_dict(obj: Any) -> Any:
@@ -280,6 +285,45 @@ def deep_merge(base: dict, override: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def _field_type(cls: Any, name: str) -> Any:
+    """The type of field `name` of dataclass `cls`, Optional[...] unwrapped."""
+    tp = typing.get_type_hints(cls)[name]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else Any
+    return tp
+
+
+def check_dotted_key(cls: type, dotted: str, prefix: str = "") -> None:
+    """A one-line ConfigError, with the nearest known key, if `dotted` (e.g. "attack.eps") is not a
+    key of config dataclass `cls`. Below a free-form field (a mapping such as method.params) any
+    key is accepted: the method checks its own. `prefix` ("train.") is shown before the key."""
+    import difflib
+
+    tp: Any = cls
+    for i, key in enumerate(dotted.split(".")):
+        if not is_dataclass(tp):
+            return
+        names = [f.name for f in fields(tp) if f.init]
+        if key not in names:
+            parts = dotted.split(".")
+            near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            where = prefix + ".".join(parts[:i]) if i else (prefix.rstrip(".") or "the config")
+            hint = (f"; did you mean {prefix}{'.'.join([*parts[:i], near[0], *parts[i + 1:]])}?" if near
+                    else f"; {where} has {', '.join(names)}")
+            raise ConfigError(f"--set {quote(prefix + dotted, 100)}: unknown key{hint}")
+        tp = _field_type(tp, key)
+
+
+def field_default(cls: type, dotted: str) -> Any:
+    """The default of dotted key `dotted` of config dataclass `cls` (e.g. "attack.steps" → 100), as
+    the dataclasses state it: --help shows these, so the numbers live in one place."""
+    obj: Any = cls()
+    for key in dotted.split("."):
+        obj = getattr(obj, key)
+    return to_dict(obj)
 
 
 def set_dotted(d: dict, dotted: str, value: Any) -> None:

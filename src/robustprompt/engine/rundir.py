@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -39,6 +40,11 @@ import yaml
 
 from ..errors import ConfigError, DatasetError, ModelError, RobustPromptError, StorageError
 from ..paths import atomic_write_text, storage_error
+
+log = logging.getLogger("robustprompt")
+# "run directory: PATH" lines: the CLI prints them on stdout; a library caller sees them only if it
+# configures this logger (they are INFO, below logging's last-resort level)
+announce = logging.getLogger("robustprompt.rundir")
 
 MARKER = ".robustprompt-run.json"
 LOCK = ".robustprompt.lock"
@@ -131,6 +137,24 @@ def _foreign_entries(path: Path) -> list[str]:
         elif not (is_toolkit_name(entry.name) and (entry.is_file() or entry.is_symlink())):
             out.append(entry.name)
     return out
+
+
+# What a run directory holds once it has recorded anything: per-image records, metrics, prompts,
+# method state, a checkpoint. A marked folder with none of these (only config.yaml, the marker,
+# the lock) never got that far and may be reused by a different configuration without --overwrite.
+_RESULT_NAMES = frozenset({"metrics.json", "records.jsonl", "prompts.safetensors", "method_state.safetensors"})
+
+
+def holds_results(path: Path) -> bool:
+    """True if run directory `path` holds any result, or anything robustprompt did not write
+    (then it is never reused without --overwrite)."""
+    if _foreign_entries(path):
+        return True
+    for entry in path.iterdir():
+        name = _TMP.fullmatch(entry.name)["base"] if _TMP.fullmatch(entry.name) else entry.name
+        if name in _RESULT_NAMES or _TOP_PATTERNS[0].fullmatch(name) or entry.name == "checkpoints":
+            return True
+    return False
 
 
 def _delete_toolkit_files(path: Path) -> None:
@@ -412,17 +436,27 @@ class RunDir:
         """Claim the directory for this run and yield whether it resumes an earlier run with the
         same configuration. The main process checks, locks and prepares it (see `_prepare`);
         the others learn the outcome, or its error, from it. The lock is held until the block ends."""
+        finished = False
         try:
             resumed = on_main_then_share(state, lambda: self._claim(wait_for_lock))
             yield resumed
+            finished = True
         finally:
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+            if self._lock is not None:   # held by the main process only: it alone announces
+                try:
+                    if finished and self.metrics() is not None:
+                        announce.info("run directory: %s", self.path)
+                        update_latest(self.path, self.kind)
+                finally:
+                    self._lock.release()
+                    self._lock = None
 
     def _claim(self, wait_for_lock: bool) -> bool:
         self._lock, status, _ = _claim(self.path, self.kind, wait_for_lock)
-        return self._prepare(status)
+        resumed = self._prepare(status)
+        # the folder's name ends in a hash the user never typed: say where the run goes
+        announce.info("run directory: %s%s", self.path, " (resuming)" if resumed else "")
+        return resumed
 
     def _prepare(self, status: str) -> bool:
         """With the lock held: resume the same run, refuse a different one, or (with overwrite)
@@ -437,13 +471,18 @@ class RunDir:
                 if status == "legacy":
                     self._adopt_legacy(fingerprints_missing=adopt)
                 return True
-            if not self.overwrite:
+            # a run that never recorded a result (it failed at start) must not block its corrected
+            # rerun: only our own files are there, and none of them is a result
+            unused = status == "marked" and not holds_results(self.path)
+            if not self.overwrite and not unused:
                 if old is None:
                     raise ConfigError(f"{str(cfg_file)[:200]} is missing or unreadable; pass --overwrite to "
                                       "replace this run, or choose another --out")
                 diff = _first_difference(semantic_config(old), semantic_config(self.config))
                 raise ConfigError(f"{str(self.path)[:200]} holds a different run ({diff}); choose another --out "
                                   "or pass --overwrite to replace it")
+            if not self.overwrite:
+                announce.info("note: %s held a run that recorded no result; replacing it", str(self.path)[:200])
             if status == "legacy":
                 foreign = _foreign_entries(self.path)
                 if foreign:
@@ -550,6 +589,32 @@ class RunDir:
 
     def write_json(self, name: str, payload: Any) -> None:
         atomic_write_text(self.path / name, json.dumps(payload, indent=2) + "\n")
+
+
+LATEST = "latest"
+
+
+def update_latest(run: Path, kind: str) -> Optional[Path]:
+    """Point `<parent>/latest` at finished run directory `run` when its parent is a folder of runs
+    of this kind (runs/eval, runs/train, runs/tta: the default layout), atomically: a relative
+    symlink, or, where symlinks cannot be made (Windows without the privilege), a text file holding
+    the run's name. Returns the pointer, or None when `run` is not in such a folder."""
+    parent = run.absolute().parent
+    if parent.name != kind or run.name == LATEST:
+        return None
+    pointer, tmp = parent / LATEST, parent / f".{LATEST}.tmp{os.getpid()}"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            os.symlink(run.name, tmp, target_is_directory=True)
+        except (OSError, NotImplementedError):
+            tmp.write_text(run.name + "\n")
+        os.replace(tmp, pointer)   # a reader sees the old pointer or the new one, never none
+    except OSError as exc:          # a convenience only: the run itself is complete
+        log.warning("could not update %s: %s", pointer, exc.strerror or exc)
+        return None
+    return pointer
 
 
 def _without_fingerprints(config: dict, old: dict) -> dict:
