@@ -146,3 +146,72 @@ def test_loader_errors_point_to_data_check(tmp_path):
                             "that is missing")
     with pytest.raises(DatasetError, match="robustprompt data prepare --dataset eurosat"):
         build_dataset("eurosat")
+
+
+# ------------------------------------------------------------------ ImageNet: lazy, cached listings
+def _imagenet_tree(root, wnids=("n001", "n002", "n003"), per_class=2):
+    base = root / "imagenet"
+    base.mkdir(parents=True)
+    (base / "classnames.txt").write_text("".join(f"{w} thing {w}\n" for w in wnids))
+    for folder in ("train", "val"):
+        for w in wnids:
+            d = base / "images" / folder / w
+            d.mkdir(parents=True)
+            for k in range(per_class):
+                Image.new("RGB", (4, 4)).save(d / f"{k}.png")
+    return base
+
+
+def _count_listings(monkeypatch):
+    """Every os.scandir of robustprompt's image lister, by folder."""
+    import os
+
+    from robustprompt.data import images
+
+    calls = []
+    real = os.scandir
+
+    def counting(path="."):
+        calls.append(os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(images.os, "scandir", counting)
+    return calls
+
+
+def test_imagenet_eval_lists_only_val_and_caches_listings(tmp_path, monkeypatch):
+    import os
+
+    from robustprompt.data import build_dataset
+
+    monkeypatch.setenv("ROBUSTPROMPT_CACHE", str(tmp_path / "cache"))
+    base = _imagenet_tree(tmp_path / "data")
+    calls = _count_listings(monkeypatch)
+    test = build_dataset("imagenet", tmp_path / "data").split("test")
+    assert len(test) == 6
+    assert not any(f"{os.sep}train" in c for c in calls)          # the training folders were never listed
+    assert sorted(calls) == sorted(str(base / "images" / "val" / w) for w in ("n001", "n002", "n003"))
+
+    calls.clear()
+    again = build_dataset("imagenet", tmp_path / "data").split("test")   # a second run: from the cache
+    assert calls == [] and again.ids == test.ids
+
+    new = base / "images" / "val" / "n002" / "9.png"   # a folder that changes is listed again
+    Image.new("RGB", (4, 4)).save(new)
+    st = os.stat(new.parent)
+    os.utime(new.parent, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = build_dataset("imagenet", tmp_path / "data").split("test")
+    assert calls == [str(base / "images" / "val" / "n002")]
+    assert "images/val/n002/9.png" in third.ids and len(third) == 7
+
+
+def test_imagenet_base_classes_stay_lazy(tmp_path, monkeypatch):
+    from robustprompt.data import base_new_split, build_dataset
+
+    monkeypatch.setenv("ROBUSTPROMPT_CACHE", str(tmp_path / "cache"))
+    _imagenet_tree(tmp_path / "data")
+    calls = _count_listings(monkeypatch)
+    base = base_new_split(build_dataset("imagenet", tmp_path / "data"), "base")
+    assert calls == []
+    assert base.split("test").labels == [0, 0, 1, 1]   # ceil(3/2) = 2 base classes
+    assert not any("train" in c for c in calls)

@@ -1,8 +1,9 @@
 """Core dataset types: a Split (ids, labels, image loader), a Dataset, and a torch wrapper."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -54,13 +55,33 @@ class Split:
         )
 
 
+class LazySplits(Mapping):
+    """``{split name: Split}`` whose splits are built on first access and kept: an eval-only run
+    of ImageNet never lists its 1.28 M training files. Iterating the names builds nothing."""
+
+    def __init__(self, builders: dict[str, Callable[[], Split]]) -> None:
+        self._builders = dict(builders)
+        self._built: dict[str, Split] = {}
+
+    def __getitem__(self, name: str) -> Split:
+        if name not in self._built:
+            self._built[name] = self._builders[name]()   # KeyError for an unknown split, as a dict
+        return self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._builders)
+
+    def __len__(self) -> int:
+        return len(self._builders)
+
+
 @dataclass
 class Dataset:
     """A named set of splits sharing one class list and one set of prompt templates."""
 
     name: str
     classnames: list[str]
-    splits: dict[str, Split]
+    splits: Mapping[str, Split]   # a dict, or LazySplits
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
 
     @property

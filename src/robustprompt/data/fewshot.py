@@ -7,10 +7,11 @@ import math
 import random
 import re
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-from robustprompt.data.base import Dataset, Split
+from robustprompt.data.base import Dataset, LazySplits, Split
 from robustprompt.errors import DatasetError
 from robustprompt.paths import atomic_write_text, cache_dir
 
@@ -102,11 +103,14 @@ def base_new_split(dataset: Dataset, which: str) -> Dataset:
         lo, hi = cut, n
     else:
         raise DatasetError(f"unknown class subset {which!r}; expected 'base', 'new' or 'all'")
-    splits = {}
-    for name, split in dataset.splits.items():
+    def restrict(name: str) -> Split:
+        split = dataset.splits[name]
         keep = [i for i, label in enumerate(split.labels) if lo <= label < hi]
         sub = split.subset(keep)
-        splits[name] = Split(sub.ids, [label - lo for label in sub.labels], sub.load)
+        return Split(sub.ids, [label - lo for label in sub.labels], sub.load)
+
+    # lazily, split by split: a lazy dataset (ImageNet) stays lazy
+    splits = LazySplits({name: partial(restrict, name) for name in dataset.splits})
     return Dataset(f"{dataset.name}/{which}", list(dataset.classnames[lo:hi]), splits,
                    list(dataset.templates))
 

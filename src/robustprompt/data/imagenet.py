@@ -1,10 +1,11 @@
 """ImageNet and its distribution-shift variants (V2, Sketch, A, R) in the CoOp layout."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-from robustprompt.data.base import Dataset, Split
-from robustprompt.data.images import PathLoader, list_images, list_subdirs
+from robustprompt.data.base import Dataset, LazySplits, Split
+from robustprompt.data.images import PathLoader, cached_list_images, list_subdirs
 from robustprompt.data.naming import read_lines, readable
 from robustprompt.errors import DatasetError
 
@@ -60,7 +61,7 @@ def _folder_split(class_dirs: list[tuple[Path, int]], base: Path, name: str) -> 
     labels: list[int] = []
     paths: list[Path] = []
     for directory, label in class_dirs:
-        for fname in list_images(directory):
+        for fname in cached_list_images(directory):
             path = directory / fname
             paths.append(path)
             ids.append(path.relative_to(base).as_posix())
@@ -72,24 +73,28 @@ def _folder_split(class_dirs: list[tuple[Path, int]], base: Path, name: str) -> 
 
 
 def build_imagenet(root: Path) -> Dataset:
-    """ImageNet-1k: train from images/train/<wnid>/, test from images/val/<wnid>/."""
+    """ImageNet-1k: train from images/train/<wnid>/, test from images/val/<wnid>/. Each split is
+    listed on first use (an eval-only run never lists the training images), listings cached."""
     base = root / "imagenet"
     expected = (f"{base.as_posix()}/images/train/<wnid>/*, {base.as_posix()}/images/val/<wnid>/* "
                 f"and {base.as_posix()}/classnames.txt")
     _require_dir(base, "imagenet", expected)
     classes = _find_classnames(root, ["imagenet"])
-    splits: dict[str, Split] = {}
-    for key, folder in (("train", "train"), ("test", "val")):
-        split_dir = base / "images" / folder
-        _require_dir(split_dir, "imagenet", expected)
-        dirs = []
-        for label, (wnid, _) in enumerate(classes):
-            d = split_dir / wnid
-            if not d.is_dir():
-                raise DatasetError(f"imagenet: class folder not found: {d}; expected {expected}")
-            dirs.append((d, label))
-        splits[key] = _folder_split(dirs, base, "imagenet")
-    return Dataset("imagenet", [n for _, n in classes], splits, list(IMAGENET_TEMPLATES))
+    builders = {key: partial(_imagenet_split, base, folder, classes, expected)
+                for key, folder in (("train", "train"), ("test", "val"))}
+    return Dataset("imagenet", [n for _, n in classes], LazySplits(builders), list(IMAGENET_TEMPLATES))
+
+
+def _imagenet_split(base: Path, folder: str, classes: list[tuple[str, str]], expected: str) -> Split:
+    split_dir = base / "images" / folder
+    _require_dir(split_dir, "imagenet", expected)
+    dirs = []
+    for label, (wnid, _) in enumerate(classes):
+        d = split_dir / wnid
+        if not d.is_dir():
+            raise DatasetError(f"imagenet: class folder not found: {d}; expected {expected}")
+        dirs.append((d, label))
+    return _folder_split(dirs, base, "imagenet")
 
 
 def build_imagenetv2(root: Path) -> Dataset:

@@ -49,6 +49,35 @@ def list_images(directory: str | os.PathLike) -> list[str]:
         )
 
 
+def cached_list_images(directory: str | os.PathLike) -> list[str]:
+    """``list_images(directory)``, remembered in the cache directory under a key made of the
+    folder's absolute path and its modification time (which changes whenever an entry is added,
+    removed or renamed), so a large tree such as ImageNet is listed once, not on every run.
+    A cache that cannot be read or written only costs a fresh listing."""
+    import hashlib
+    import json
+
+    from robustprompt.paths import atomic_write_text, cache_dir
+
+    path = os.path.abspath(directory)
+    stamp = os.stat(path).st_mtime_ns
+    key = hashlib.sha1(f"{path}\0{stamp}".encode()).hexdigest()
+    cache = cache_dir() / "listings" / f"{key}.json"
+    try:
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if cached.get("path") == path and cached.get("mtime_ns") == stamp:
+            return list(cached["names"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    names = list_images(path)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, json.dumps({"path": path, "mtime_ns": stamp, "names": names}))
+    except OSError:
+        pass
+    return names
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Open an image file and return it as an 8-bit RGB PIL image (H x W, 3 channels), wide
     pixels scaled as the module docstring says. Any unreadable file is a one-line DatasetError
