@@ -169,3 +169,15 @@ def test_eval_run_logs_progress_scalars(tmp_path):
     assert last["eval/robust_acc_so_far"] == pytest.approx(robust)
     assert last["eval/clean_acc_so_far"] == pytest.approx(clean)
     assert (out / "log.txt").read_text().startswith("==== robustprompt eval started")
+
+
+@pytest.mark.parametrize("value, words", [("wandb", "not supported yet"), ("nope", "unknown reporter")])
+def test_cli_bad_report_to_is_one_line_before_any_work(tmp_path, capsys, value, words):
+    from robustprompt.cli import main
+
+    out = tmp_path / "run"
+    assert main(["eval", "--model", "demo", "--dataset", "fashion_mnist", "--subset", "4", "--device", "cpu",
+                 "--no-progress", "--report-to", value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("robustprompt eval: error: --report-to") and words in err[0]
+    assert not out.exists()

@@ -2,18 +2,19 @@
 image appended after every batch, a progress bar, and resume from whatever was recorded."""
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ..data.base import Split
 from . import runlog
 from .rundir import RunDir
 from .runlog import progress_bar
+
+log = logging.getLogger("robustprompt")
 
 
 def aa_chunk(threats: Iterable) -> Optional[int]:
@@ -75,8 +76,8 @@ def run_per_image(
     wanted = set(indices)
     stale = [i for i in run.mismatched if i in wanted]
     if stale and state.is_main_process:
-        print(f"warning: {len(stale)} recorded images of {run.path} no longer match the images at their "
-              f"indices (first: index {stale[0]}); redoing them", file=sys.stderr, flush=True)
+        log.warning(f"warning: {len(stale)} recorded images of {run.path} no longer match the images at "
+                    f"their indices (first: index {stale[0]}); redoing them")   # stderr and log.txt
     if chunk is None:
         remaining = [i for i in indices if i not in done]
         units: list[list[int]] = [[i] for i in remaining]
@@ -103,7 +104,8 @@ def run_per_image(
     if state.num_processes > 1:
         desc = f"{desc} [process {state.process_index + 1}/{state.num_processes}]"
     if len(remaining) < len(indices) and state.is_main_process and progress:
-        tqdm.write(f"resuming: {len(indices) - len(remaining)} of {len(indices)} images already done")
+        # a log record (stderr, and the run's log.txt), before the bar starts
+        log.info("resuming: %d of %d images already done", len(indices) - len(remaining), len(indices))
     bar = progress_bar(len(mine), desc, "img", disable=not (progress and state.is_main_process))
     scalars = runlog.active()   # eval progress into scalars.csv / TensorBoard (main process only)
     seen = {"n": 0, "clean": 0, "adv": 0}

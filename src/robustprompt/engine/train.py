@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import sys
@@ -23,7 +24,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..api import get_backbone, resolve_templates
 from ..config import AttackSpec, ModelSpec, check_resize_mode, replace, to_dict
@@ -43,6 +43,8 @@ from .runtime import process_state
 from .rundir import RunDir, check_out_dir, config_hash
 from .sharded import IndexedImages
 from .tasks import preprocess_of
+
+log = logging.getLogger("robustprompt")
 
 
 class TrainingError(RobustPromptError):
@@ -226,7 +228,7 @@ def _train(cfg: TrainConfig, run: RunDir, state, device, method: Method, prompt_
     params = [p for g in groups for p in g]
     history, start_epoch = _resume(run, clf, method, optimizer, state.is_main_process)
     if start_epoch and state.is_main_process and progress:
-        tqdm.write(f"resuming {run.path} after epoch {start_epoch}")
+        log.info("resuming %s after epoch %d", run.path, start_epoch)   # stderr and the run's log.txt
 
     transform = _train_transform(backbone.preprocess, cfg.data.augment, cfg.data.resize_mode)
     data = IndexedImages(split, indices, transform)
