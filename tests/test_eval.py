@@ -106,7 +106,7 @@ def test_cli_yaml_and_flags_on_an_image_folder(tmp_path, capsys):
     (["--dataset", "no_such_set"], "unknown dataset"),
     (["--dataset", "oxford_pets"], "data root"),
     (["--eps", "-1"], "eps must be >= 0"),
-    (["--model", "ViT-B-99"], "unknown open_clip architecture"),
+    (["--model", "ViT-B-99", "--dataset", "fashion_mnist"], "unknown open_clip architecture"),  # dataset: see issue 12
     (["--config", "/nonexistent.yaml"], "does not exist"),
 ])
 def test_cli_user_mistakes_give_one_clear_line(tmp_path, capsys, argv, message):
