@@ -46,7 +46,7 @@ def test_help_states_the_effective_defaults():
     # the numbers the README promises, typed here independently of the dataclasses
     for part in ("--steps STEPS (default: 100)", "--eps EPS (default: 1)", "--split SPLIT split to evaluate (default: test)",
                  "--batch-size BATCH_SIZE (default: 64)", "--attack {none,fgsm,pgd,autoattack} (default: pgd)",
-                 "(default: eps/4)", "PGD-100 at ε = 1/255", "runs/<command>/latest"):
+                 "(default: eps/4)", "PGD-100 at ε = 1/255", "runs/latest-<command>"):
         assert part in text, part
     assert "(default eps/4)" not in text   # a hand-typed default is replaced, never shown twice
     tta = _help("tta")
@@ -217,10 +217,11 @@ def test_latest_pointer(tmp_path):
     for name in ("a-1", "b-2"):
         (runs / name).mkdir(parents=True)
         pointer = update_latest(runs / name, "eval")
-        assert pointer == runs / "latest"
+        assert pointer == tmp_path / "runs" / "latest-eval"
         target = os.readlink(pointer) if pointer.is_symlink() else pointer.read_text().strip()
-        assert target == name
-    assert (runs / "latest").resolve() == (runs / "b-2").resolve()
+        assert target == f"eval/{name}"
+    assert (tmp_path / "runs" / "latest-eval").resolve() == (runs / "b-2").resolve()
+    assert sorted(p.name for p in runs.iterdir()) == ["a-1", "b-2"]   # runs/eval holds run directories only
     assert update_latest(tmp_path / "elsewhere" / "x", "eval") is None   # --out outside runs/<command>/
     assert not (tmp_path / "elsewhere").exists()
 
@@ -230,10 +231,10 @@ def test_cli_prints_the_run_directory_and_keeps_latest(folder, tmp_path, monkeyp
     argv = ["eval", "--model", "rp-tiny", "--dataset", f"imagefolder:{folder}", "--attack", "none", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    (run,) = [p for p in (tmp_path / "runs" / "eval").iterdir() if p.name != "latest"]
+    (run,) = list((tmp_path / "runs" / "eval").iterdir())
     assert out.count(f"run directory: {Path('runs') / 'eval' / run.name}") == 2   # at the start and the end
-    assert (tmp_path / "runs" / "eval" / "latest").resolve() == run.resolve()
-    assert (tmp_path / "runs" / "eval" / "latest" / "metrics.json").is_file()
+    assert (tmp_path / "runs" / "latest-eval").resolve() == run.resolve()
+    assert (tmp_path / "runs" / "latest-eval" / "metrics.json").is_file()
 
 
 # ------------------------------------------------------------------------------ -v

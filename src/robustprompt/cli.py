@@ -104,7 +104,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 …")
     g.add_argument("--out", help="run directory (default: runs/<command>/<dataset>-<model>-<hash>, printed at the start "
-                                 "and end; runs/<command>/latest points at the last finished one)")
+                                 "and end; runs/latest-<command> points at the last finished one)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a different run in --out (only files robustprompt wrote are deleted)")
     g.add_argument("--wait", action="store_true",

@@ -591,25 +591,26 @@ class RunDir:
         atomic_write_text(self.path / name, json.dumps(payload, indent=2) + "\n")
 
 
-LATEST = "latest"
-
-
 def update_latest(run: Path, kind: str) -> Optional[Path]:
-    """Point `<parent>/latest` at finished run directory `run` when its parent is a folder of runs
-    of this kind (runs/eval, runs/train, runs/tta: the default layout), atomically: a relative
-    symlink, or, where symlinks cannot be made (Windows without the privilege), a text file holding
-    the run's name. Returns the pointer, or None when `run` is not in such a folder."""
+    """Point `runs/latest-<kind>` at finished run directory `run` when `run` lies in a folder of
+    runs of this kind (runs/eval, runs/train, runs/tta: the default layout). The pointer sits
+    beside that folder, not in it, so runs/<kind>/ keeps holding run directories only. Updated
+    atomically: a relative symlink, or, where symlinks cannot be made (Windows without the
+    privilege), a text file holding the run's path relative to it. Returns the pointer, or None
+    when `run` is not in such a folder."""
     parent = run.absolute().parent
-    if parent.name != kind or run.name == LATEST:
+    if parent.name != kind:
         return None
-    pointer, tmp = parent / LATEST, parent / f".{LATEST}.tmp{os.getpid()}"
+    pointer = parent.parent / f"latest-{kind}"
+    tmp = parent.parent / f".latest-{kind}.tmp{os.getpid()}"
+    target = f"{kind}/{run.name}"
     try:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         try:
-            os.symlink(run.name, tmp, target_is_directory=True)
+            os.symlink(target, tmp, target_is_directory=True)
         except (OSError, NotImplementedError):
-            tmp.write_text(run.name + "\n")
+            tmp.write_text(target + "\n")
         os.replace(tmp, pointer)   # a reader sees the old pointer or the new one, never none
     except OSError as exc:          # a convenience only: the run itself is complete
         log.warning("could not update %s: %s", pointer, exc.strerror or exc)
