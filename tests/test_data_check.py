@@ -215,3 +215,10 @@ def test_imagenet_base_classes_stay_lazy(tmp_path, monkeypatch):
     assert calls == []
     assert base.split("test").labels == [0, 0, 1, 1]   # ceil(3/2) = 2 base classes
     assert not any("train" in c for c in calls)
+
+
+def test_negative_sample_is_one_line(tmp_path, capsys):
+    _eurosat(tmp_path)
+    assert main(["data", "check", "--dataset", "eurosat", "--root", str(tmp_path), "--sample", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["robustprompt data: error: --sample must be a whole number >= 0, got -1"]

@@ -20,7 +20,7 @@ from robustprompt.data.images import PathLoader, load_rgb
 from robustprompt.data.naming import read_lines
 from robustprompt.data.registry import FASHION_MNIST, build_dataset, canonical_name
 from robustprompt.data.splitfile import read_split_json
-from robustprompt.errors import DatasetError
+from robustprompt.errors import ConfigError, DatasetError
 
 # class counts of the benchmarks as CoOp and the ImageNet-shift papers use them
 EXPECTED_CLASSES = {
@@ -57,6 +57,8 @@ def check_dataset(name: str, root: str | Path, *, full: bool = False, sample: in
                   seed: int = 0) -> CheckReport:
     """Check dataset ``name`` under data root ``root``: layout, class count, missing and
     unreadable images (``sample`` seeded images per split are decoded, every one if ``full``)."""
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+        raise ConfigError(f"--sample must be a whole number >= 0, got {str(sample)[:40]}")
     canonical = canonical_name(name)
     root = Path(root).expanduser()
     report = CheckReport(canonical, root)
