@@ -122,9 +122,15 @@ def test_missing_tensorboard_is_one_line(monkeypatch):
 
 def test_report_to_tensorboard_writes_events(tmp_path):
     pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     with run_logging(tmp_path, "train", report_to=("tensorboard",)) as s:
-        s.add("train/loss", 1.0, 1)
+        s.add("train/loss", 1.5, 1)
+        s.add("train/loss", 0.25, 2)
     assert any(p.name.startswith("events.out.tfevents.") for p in (tmp_path / "tensorboard").iterdir())
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.5), (2, 0.25)]
 
 
 # ------------------------------------------------------------------ a real run
@@ -181,3 +187,21 @@ def test_cli_bad_report_to_is_one_line_before_any_work(tmp_path, capsys, value, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("robustprompt eval: error: --report-to") and words in err[0]
     assert not out.exists()
+
+
+def test_overwrite_replaces_the_logs_and_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    from robustprompt.cli import main
+
+    out = tmp_path / "eval"
+    args = ["eval", "--model", "demo", "--dataset", "fashion_mnist", "--attack", "none", "--device", "cpu",
+            "--no-progress", "--report-to", "tensorboard", "--out", str(out)]
+    assert main([*args, "--subset", "4"]) == 0
+    first = {p.name for p in (out / "tensorboard").iterdir()}
+    assert main([*args, "--subset", "3", "--overwrite"]) == 0   # a different run: our files are replaced
+    assert (out / "log.txt").read_text().count("==== robustprompt eval started") == 1
+    assert [r[1] for r in _rows(out / "scalars.csv")[1:] if r[2] == "eval/images_done"] == ["3"]
+    assert not first & {p.name for p in (out / "tensorboard").iterdir()}
+    (out / "tensorboard" / "notes.txt").write_text("mine")   # something we did not write: never deleted
+    assert main([*args, "--subset", "2", "--overwrite"]) == 0
+    assert (out / "tensorboard" / "notes.txt").read_text() == "mine"
