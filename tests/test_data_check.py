@@ -222,3 +222,20 @@ def test_negative_sample_is_one_line(tmp_path, capsys):
     assert main(["data", "check", "--dataset", "eurosat", "--root", str(tmp_path), "--sample", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["robustprompt data: error: --sample must be a whole number >= 0, got -1"]
+
+
+def test_lazy_imagenet_split_error_points_to_data_check(tmp_path, monkeypatch):
+    from robustprompt.data import build_dataset
+    from robustprompt.errors import DatasetError
+
+    monkeypatch.setenv("ROBUSTPROMPT_CACHE", str(tmp_path / "cache"))
+
+    base = _imagenet_tree(tmp_path)
+    (base / "images" / "val" / "n002" / "0.png").unlink()
+    (base / "images" / "val" / "n002" / "1.png").unlink()
+    (base / "images" / "val" / "n002").rmdir()
+    ds = build_dataset("imagenet", tmp_path)
+    with pytest.raises(DatasetError, match="class folder not found") as err:
+        ds.split("test")
+    assert str(err.value).endswith(f"run `robustprompt data check --dataset imagenet --root {tmp_path}` for "
+                                   "everything that is missing")

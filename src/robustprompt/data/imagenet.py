@@ -86,6 +86,14 @@ def build_imagenet(root: Path) -> Dataset:
 
 
 def _imagenet_split(base: Path, folder: str, classes: list[tuple[str, str]], expected: str) -> Split:
+    try:
+        return _list_imagenet_split(base, folder, classes, expected)
+    except DatasetError as exc:   # listed after build_dataset returned: name the check here
+        raise DatasetError(f"{exc}; run `robustprompt data check --dataset imagenet --root "
+                           f"{str(base.parent)[:200]}` for everything that is missing") from None
+
+
+def _list_imagenet_split(base: Path, folder: str, classes: list[tuple[str, str]], expected: str) -> Split:
     split_dir = base / "images" / folder
     _require_dir(split_dir, "imagenet", expected)
     dirs = []
