@@ -83,7 +83,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_attack_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("attack (eps and alpha in /255 units: --eps 4 means 4/255)")
+    g = p.add_argument_group("attack (ℓ∞: eps and alpha in /255 units, --eps 4 means 4/255; ℓ2: in pixel units as in "
+                             "torchattacks/AutoAttack, --norm l2 --eps 3.0 means ‖δ‖₂ ≤ 3.0; alpha default eps/4)")
     g.add_argument("--attack", choices=["none", "fgsm", "pgd", "autoattack"])
     g.add_argument("--norm", choices=["linf", "l2"])
     g.add_argument("--eps", type=float)
@@ -102,7 +103,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="YAML config; flags override its keys")
     add_config_args(g)
     g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 …")
+    g.add_argument("--device", help="auto (default: CUDA, else Apple's MPS, else CPU), cpu, cuda, cuda:1 (that GPU), mps")
     g.add_argument("--out", help="run directory (default: runs/<command>/<dataset>-<model>-<hash>, printed at the start "
                                  "and end; runs/latest-<command> points at the last finished one)")
     g.add_argument("--overwrite", action="store_true",
@@ -113,6 +114,34 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--report-to", metavar="NAME",
                    help="also write the scalars (always in the run's scalars.csv) to: tensorboard (needs "
                         "`pip install tensorboard`; events in <run>/tensorboard), or none (default: none)")
+
+
+# --precision / --attack-precision / --tf32 → config keys, per command (train's attack is train_attack)
+EVAL_PRECISION_FLAGS = {"precision": "precision", "attack_precision": "attack.precision", "tf32": "tf32"}
+TRAIN_PRECISION_FLAGS = {"precision": "precision", "attack_precision": "train_attack.precision", "tf32": "tf32"}
+TTA_PRECISION_FLAGS = {"attack_precision": "attack.precision", "tf32": "tf32"}
+
+
+def add_precision_args(p: argparse.ArgumentParser, *, clean: bool = True) -> None:
+    """clean: the command has forwards outside the attack that --precision may autocast."""
+    g = p.add_argument_group("precision")
+    if clean:
+        g.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                       help="autocast of training and clean forwards (default fp32; fp16 trains with loss scaling)")
+    g.add_argument("--attack-precision", choices=["fp32", "bf16"],
+                   help="autocast inside PGD/FGSM (default fp32; bf16 is cheaper, may be a weaker attack, and is "
+                        "recorded in the threat model)")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="allow TF32 in CUDA matmuls and cuDNN convolutions (default off: fp32 means fp32); recorded")
+
+
+def warn_pixel_units(value: Optional[float], norm: Any, flag: str = "--eps") -> None:
+    """A log line when an ℓ∞ budget typed at the CLI looks like pixel units (0.03 for 8/255)."""
+    if value is None or norm not in (None, "linf") or not 0 < value < 0.25:
+        return
+    guess = max(1, round(value * 255))
+    log.warning("%s %g is in /255 units (%g/255 = %.2g); did you mean %s %d (%d/255)?",
+                flag, value, value, value / 255, flag, guess, guess)
 
 
 def add_params(raw: dict, items: Optional[Sequence[str]]) -> None:
@@ -184,7 +213,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .config import deep_merge, from_dict, load_yaml
 
     raw = deep_merge(load_yaml(args.config) if args.config else {},
-                     collect_overrides(args, MODEL_FLAGS, DATA_FLAGS, ATTACK_FLAGS, RUN_FLAGS))
+                     collect_overrides(args, MODEL_FLAGS, DATA_FLAGS, ATTACK_FLAGS, RUN_FLAGS, EVAL_PRECISION_FLAGS))
+    warn_pixel_units(args.eps, (raw.get("attack") or {}).get("norm"))
     if args.also:  # further attacks at the same budget; robust accuracy becomes the worst case
         from .errors import ConfigError
 
@@ -223,7 +253,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     base = load_yaml(args.config) if args.config else {}
     raw = deep_merge(base, collect_overrides(args, MODEL_FLAGS, TRAIN_DATA_FLAGS, TRAIN_FLAGS,
-                                             TRAIN_ATTACK_FLAGS, RUN_FLAGS))
+                                             TRAIN_ATTACK_FLAGS, RUN_FLAGS, TRAIN_PRECISION_FLAGS))
+    warn_pixel_units(args.train_eps, (raw.get("train_attack") or {}).get("norm"), "--train-eps")
     add_params(raw, args.param)
     apply_sets(raw, args.set_items, TrainConfig)
     cfg = train_config_from_dict(raw, args.config or "config")
@@ -294,7 +325,9 @@ def cmd_tta(args: argparse.Namespace) -> int:
                                               "quantize_adv": "quantize_adv", "defence_seed": "defence_seed",
                                               "adaptive_steps": "adaptive_attack.steps",
                                               "eot": "adaptive_attack.eot", "adaptive_loss": "adaptive_attack.loss",
-                                              "adaptive_restarts": "adaptive_attack.restarts"}))
+                                              "adaptive_restarts": "adaptive_attack.restarts"},
+                                             TTA_PRECISION_FLAGS))
+    warn_pixel_units(args.eps, (raw.get("attack") or {}).get("norm"))
     if raw.get("adaptive") == []:  # a bare --adaptive: both threat models
         raw["adaptive"] = True
     add_params(raw, args.param)
@@ -525,6 +558,7 @@ def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--also", nargs="+", choices=["pgd", "fgsm", "autoattack"],
                    help="further attacks at the same norm and ε; robust accuracy is then the worst case per "
                         "image, and each attack's own accuracy is reported (e.g. --attack pgd --also autoattack)")
+    add_precision_args(p)
     add_run_args(p)
     p.set_defaults(func=cmd_eval)
     defaults["eval"] = p
@@ -552,6 +586,7 @@ def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
                    help="its step size; one rule, as eval's --alpha: eps/4 unless given (a --train-eps without "
                         "--train-alpha gets eps/4; the built-in threat is FAP's PGD-2, ε = α = 1/255)")
     g.add_argument("--train-steps", type=int)
+    add_precision_args(p)
     add_run_args(p)
     p.set_defaults(func=cmd_train)
     defaults["train"] = p
@@ -588,6 +623,7 @@ def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--defence-seed", type=int, help="the defender's view randomness (default: --seed + 1)")
     g.add_argument("--quantize-adv", action="store_const", const=True, default=None,
                    help="round adversarial images to 8 bits before the defence (off by default)")
+    add_precision_args(p, clean=False)
     add_run_args(p)
     p.set_defaults(func=cmd_tta)
     defaults["tta"] = p

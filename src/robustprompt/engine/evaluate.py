@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..models.sources import model_slug
 from .identity import model_fingerprint, split_fingerprint
 from . import runlog
-from .runtime import process_state
+from .runtime import autocast, check_precision, process_state, set_tf32
 from .rundir import RunDir, check_out_dir, config_hash
 from .sharded import aa_chunk, run_per_image
 from .tasks import Task, load_task, method_of
@@ -37,9 +37,18 @@ class EvalConfig:
     also: list[AttackSpec] = field(default_factory=list)   # further attacks: robust_acc is the worst case
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"   # clean forward passes: fp32, or bf16/fp16 autocast (attacks: attack.precision)
+    tf32: bool = False        # TF32 for CUDA matmuls and cuDNN convolutions
 
     def __post_init__(self) -> None:
         check_seed(self.seed, "seed")
+        check_precision(self.precision)
+        check_tf32(self.tf32)
+
+    def omitted_fields(self) -> tuple[str, ...]:
+        """precision and tf32 at their defaults stay out of the record (and run identity), so
+        existing configs keep theirs."""
+        return precision_omitted(self)
 
     def threats(self) -> dict[str, "ThreatModel"]:
         """Every attack by a short unique key ('pgd', 'autoattack', 'pgd-2', …), in order."""
@@ -84,9 +93,50 @@ def default_run_dir(kind: str, cfg_dict: dict, model: ModelSpec, data: DataSpec)
     return Path("runs") / kind / f"{data.dataset.replace(':', '_').replace('/', '_')}-{name}-{config_hash(cfg_dict)}"
 
 
+def check_tf32(value: object, key: str = "tf32") -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {str(value)[:40]}")
+
+
+def precision_omitted(cfg: Any) -> tuple[str, ...]:
+    """The names among precision/tf32 that hold their defaults (fp32, False)."""
+    return tuple(k for k, default in (("precision", "fp32"), ("tf32", False)) if getattr(cfg, k) == default)
+
+
 def environment() -> dict[str, Any]:
+    """What a result records about the software and arithmetic it came from: versions (None for
+    what is not installed), CUDA/cuDNN when present, the TF32 switches as they were when the run
+    ended, and the project's git commit when it runs from a checkout."""
+    cuda = torch.cuda.is_available()
     return {"robustprompt": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
+            "open_clip": _version_of("open_clip_torch"), "torchvision": _version_of("torchvision"),
+            "cuda": torch.version.cuda if cuda else None,
+            "cudnn": torch.backends.cudnn.version() if cuda and torch.backends.cudnn.is_available() else None,
+            "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+            "git_commit": git_commit(),
+            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"}
+
+
+def _version_of(dist: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def git_commit() -> Optional[str]:
+    """HEAD of the git checkout holding this package, or None (an installed wheel, no git, …)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, timeout=10,
+                             capture_output=True, text=True, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and len(commit) == 40 else None
 
 
 def evaluate(cfg: EvalConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
@@ -101,6 +151,7 @@ def evaluate(cfg: EvalConfig, out: Optional[str | Path] = None, *, overwrite: bo
         check_out_dir(out)   # before any work
     report_to = runlog.require_reporters(report_to)   # before any work: a missing tensorboard
     state, device = process_state(cfg.device)
+    set_tf32(cfg.tf32)
     config = {"kind": "eval", **to_dict(cfg)}
     if not cfg.also:  # a single-attack run keeps the config (and run directory) it always had
         del config["also"]
@@ -124,7 +175,7 @@ def _evaluate(cfg: EvalConfig, run: RunDir, state, device, task: Task, progress:
     t_start = time.time()
 
     def process(x: torch.Tensor, y: torch.Tensor, idx: list[int]) -> list[dict]:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, cfg.precision):
             clean = clf(x).argmax(1)
         seeds = [image_seed(cfg.seed, i) for i in idx]
         preds = {}
@@ -177,6 +228,7 @@ def summarize(records: dict[int, dict], task, clf, threat, cfg, method: dict, el
         **method,
         "seed": cfg.seed,
         "threat": threat.describe(len(task.dataset.classnames)),
+        "precision": getattr(cfg, "precision", "fp32"),   # the clean forwards' (the attack's: threat.precision)
         "adaptive": False,
         "clean_acc": 100.0 * clean / n,
         "robust_acc": 100.0 * robust / n,

@@ -34,12 +34,12 @@ from ..methods import build_method
 from ..methods.base import Method
 from ..models import PromptedClassifier
 from ..paths import atomic_save_tensors, atomic_write_text
-from .evaluate import check_seed, environment
+from .evaluate import check_seed, check_tf32, environment, precision_omitted
 from .grad_share import share_record
 from .identity import model_fingerprint, split_fingerprint
 from . import runlog
 from .runlog import progress_bar
-from .runtime import process_state
+from .runtime import autocast, check_precision, process_state, set_tf32
 from .rundir import RunDir, check_out_dir, config_hash
 from .sharded import IndexedImages
 from .tasks import preprocess_of
@@ -129,9 +129,17 @@ class TrainConfig:
     train_attack: AttackSpec = field(default_factory=_default_train_attack)
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"   # the training step's autocast: fp32, bf16, fp16 (with loss scaling)
+    tf32: bool = False        # TF32 for CUDA matmuls and cuDNN convolutions
 
     def __post_init__(self) -> None:
         check_seed(self.seed, "seed")
+        check_precision(self.precision)
+        check_tf32(self.tf32)
+
+    def omitted_fields(self) -> tuple[str, ...]:
+        """precision and tf32 at their defaults stay out of the run identity (existing runs keep theirs)."""
+        return precision_omitted(self)
 
 
 def _train_transform(preprocess: Preprocess | int, augment: str, resize_mode: str = "auto",
@@ -178,6 +186,7 @@ def train(cfg: TrainConfig, out: Optional[str | Path] = None, *, overwrite: bool
         check_out_dir(out)   # before any work
     report_to = runlog.require_reporters(report_to)   # before any work: a missing tensorboard
     state, device = process_state(cfg.device)
+    set_tf32(cfg.tf32)
     method = build_method(cfg.method.name, cfg.method.params, cfg.train_attack.threat())
     prompt_cfg = cfg.model.prompt or method.default_prompt
     config = {"kind": "train", **to_dict(cfg)}
@@ -226,6 +235,8 @@ def _train(cfg: TrainConfig, run: RunDir, state, device, method: Method, prompt_
     optimizer = torch.optim.SGD([{"params": g} for g in groups], lr=opt.lr, momentum=opt.momentum,
                                 weight_decay=opt.weight_decay)
     params = [p for g in groups for p in g]
+    # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     history, start_epoch = _resume(run, clf, method, optimizer, state.is_main_process)
     if start_epoch and state.is_main_process and progress:
         log.info("resuming %s after epoch %d", run.path, start_epoch)   # stderr and the run's log.txt
@@ -258,11 +269,12 @@ def _train(cfg: TrainConfig, run: RunDir, state, device, method: Method, prompt_
             if local:
                 x, y, _ = next(it)
                 x, y = x.to(device), y.to(device)
-                result = method.step(clf, x, y)
+                with autocast(device, cfg.precision):   # the attack inside keeps its own precision
+                    result = method.step(clf, x, y)
                 _check_finite(result.terms, result.loss, epoch, s, run)
                 if s == 0:  # is each term alive? (extra backwards on one step per epoch only)
                     shares = share_record(result, params)
-                (result.loss * (len(local) / n_global)).backward()
+                scaler.scale(result.loss * (len(local) / n_global)).backward()
                 _accumulate(sums, counts, result, y)
                 if scalars is not None:   # this process's batch loss (the main process's shard)
                     scalars.add("train/loss", float(result.loss.detach()), epoch * steps_per_epoch + s + 1)
@@ -272,7 +284,8 @@ def _train(cfg: TrainConfig, run: RunDir, state, device, method: Method, prompt_
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     p.grad = reduce(p.grad, reduction="sum")
-            optimizer.step()
+            scaler.step(optimizer)   # optimizer.step(), unless fp16 gradients overflowed
+            scaler.update()
             bar.update(1)
             bar.set_postfix(epoch=epoch, **_postfix(sums, counts))
         summary = _epoch_summary(sums, counts, epoch, lr, state, reduce)
@@ -494,6 +507,7 @@ def _finish(run: RunDir, clf, method: Method, cfg: TrainConfig, dataset, indices
         "prompt": clf.prompt_cfg.to_dict(),
         "n_prompt_parameters": sum(p.numel() for p in clf.prompt_parameters()),
         "train_threat": method.train_threat.describe() if method.adversarial else None,
+        "precision": cfg.precision,   # the training step's autocast (the attack's: train_threat.precision)
         "epochs": history,
         "wall_time_s": round(sum(h.get("time_s", 0.0) for h in history), 3),
         "wall_time_this_session_s": round(time.time() - t_start, 3),

@@ -38,9 +38,9 @@ from ..models import PromptConfig
 from ..models.sources import model_slug
 from ..errors import ConfigError
 from ..tta.procedures import build_procedure, procedure_class
-from .evaluate import check_seed, environment, eval_identity, image_seed
+from .evaluate import check_seed, check_tf32, environment, eval_identity, image_seed
 from . import runlog
-from .runtime import process_state
+from .runtime import process_state, set_tf32
 from .rundir import RunDir, check_out_dir, config_hash
 from .sharded import aa_chunk, run_per_image
 from .tasks import Task, load_task, method_of
@@ -157,9 +157,11 @@ class TTAConfig:
     quantize_adv: bool = False
     seed: int = 0
     device: str = "auto"
+    tf32: bool = False   # TF32 for CUDA matmuls and cuDNN convolutions
 
     def __post_init__(self) -> None:
         check_seed(self.seed, "seed")
+        check_tf32(self.tf32)
         if self.defence_seed is not None:
             check_seed(self.defence_seed, "defence_seed")
         modes = self.randomness_modes
@@ -167,6 +169,10 @@ class TTAConfig:
         if bad or len(set(modes)) != len(modes):
             raise ConfigError(f"adaptive must be true, false or a list of {' / '.join(RANDOMNESS)} "
                               f"without repeats, got {self.adaptive!r}")
+
+    def omitted_fields(self) -> tuple[str, ...]:
+        """tf32 at its default (off) stays out of the run identity (existing runs keep theirs)."""
+        return () if self.tf32 else ("tf32",)
 
     @property
     def randomness_modes(self) -> list[str]:
@@ -231,6 +237,7 @@ def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool
         check_out_dir(out)   # before any work
     report_to = runlog.require_reporters(report_to)   # before any work: a missing tensorboard
     state, device = process_state(cfg.device)
+    set_tf32(cfg.tf32)
     params, augmix_source = resolve_augmix(cfg.method, cfg.data.dataset)
     procedure = build_procedure(cfg.method.name, params)
     model_spec = _model_spec(cfg.model)
