@@ -29,7 +29,9 @@ def _records(path):
 def test_run_directory_contents(tmp_path):
     m = evaluate(_cfg(), tmp_path / "run", progress=False)
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert files == [".robustprompt-run.json", "config.yaml", "metrics.json", "records.jsonl"]  # marker; lock released
+    # marker, results and the run's logs; the lock file is gone (released)
+    assert files == [".robustprompt-run.json", "config.yaml", "log.txt", "metrics.json", "records.jsonl",
+                     "scalars.csv"]
     recs = _records(tmp_path / "run")
     assert len(recs) == 24 == m["n"] and len({r["index"] for r in recs}) == 24
     assert set(recs[0]) >= {"index", "id", "label", "clean_pred", "adv_pred"}

@@ -268,7 +268,11 @@ class DirLock:
                         print(f"waiting for {self.holder()} to finish with {str(self.file.parent)[:200]}",
                               file=sys.stderr, flush=True)
                         announced = True
-                    self._try(lock, blocking=True)   # until the holder releases or dies
+                    # until the holder releases or dies; polled with a finite timeout because
+                    # filelock refuses an unbounded wait on a file another lock object of this
+                    # process holds (RuntimeError "Deadlock"), e.g. a Python caller's second run
+                    while not self._try(lock, blocking=True):
+                        pass
                 if self._holds_path():
                     break
             except BaseException:
@@ -284,8 +288,9 @@ class DirLock:
                                  on_acquired=self._on_acquired)
 
     def _try(self, lock: filelock.BaseFileLock, blocking: bool) -> bool:
+        """Lock now (blocking=False) or within a second (blocking=True); False if still held."""
         try:
-            lock.acquire(blocking=blocking)
+            lock.acquire(timeout=1.0 if blocking else 0.0, blocking=blocking)
             return True
         except filelock.Timeout:
             return False
