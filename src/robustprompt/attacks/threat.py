@@ -27,9 +27,9 @@ ATTACK_PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 @dataclass(frozen=True)
 class ThreatModel:
     """An attack and its budget. eps and alpha are in pixel units of [0,1] images (ℓ∞: 1/255 ≈
-    0.0039; ℓ2: the norm of δ over all B's pixels and channels, e.g. 3.0); build an ℓ∞ one from
-    /255 units with `ThreatModel.from_255`. alpha None means eps/4 (both norms). precision: "fp32"
-    or "bf16" (autocast of the model inside PGD/FGSM; recorded by `describe`)."""
+    0.0039; ℓ2: the norm of δ over all of one image's pixels and channels, e.g. 3.0); build an
+    ℓ∞ one from /255 units with `ThreatModel.from_255`. alpha None means eps/4 (both norms).
+    precision: "fp32" or "bf16" (autocast of the model inside PGD/FGSM; recorded by `describe`)."""
 
     attack: str = "pgd"
     norm: str = "linf"
