@@ -233,3 +233,26 @@ def test_training_under_autocast_is_recorded_and_finite(tmp_path, precision):
     assert m["precision"] == precision and m["train_threat"]["precision"] == "float32"   # the attack stays fp32
     assert math.isfinite(m["epochs"][0]["loss"])
     assert f"precision: {precision}" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_l2_budgets_are_shown_in_pixel_units_everywhere(capsys):
+    """Reports, the console and the Hub model card show an ℓ2 budget as given (ε=3), never as 765/255."""
+    from robustprompt.attacks.threat import ThreatModel
+    from robustprompt.config import ModelSpec
+    from robustprompt.hub import model_card
+    from robustprompt.models import PromptConfig
+    from robustprompt.models.prompt_file import build_meta
+    from robustprompt.report.collect import threat_key, threat_label
+    from robustprompt.report.console import _threat_text
+
+    l2 = ThreatModel(eps=3.0, norm="l2", steps=10).describe()
+    linf = ThreatModel.from_255(4, steps=10).describe()
+    assert threat_label(threat_key(l2)) == "PGD-10 ℓ2 ε=3 α=0.75"
+    assert threat_label(threat_key(linf)) == "PGD-10 ℓ∞ ε=4/255 α=1/255"
+    assert _threat_text(l2).startswith("l2 eps=3 steps=10 alpha=0.75")
+    assert _threat_text(linf).startswith("linf eps=4/255 steps=10 alpha=1/255")
+    meta = build_meta(prompt=PromptConfig(coupling="text", n_ctx=2, depth=1), model=ModelSpec(name="rp-tiny"),
+                      classnames=["a", "b"], templates=["a photo of a {}."], method="coop",
+                      train_threat=ThreatModel(eps=3.0, norm="l2", steps=2), weights_sha256=None)
+    card = model_card(meta, "org/repo")
+    assert "--norm l2 --eps 3" in card and "765" not in card

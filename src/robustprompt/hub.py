@@ -23,6 +23,7 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from .errors import ConfigError, ModelError, RobustPromptError
+from .attacks.threat import cli_eps, eps_text
 from .messages import one_line, quote
 from .models.prompt_file import PROMPTS_FILE, PromptMeta, read_meta
 
@@ -217,7 +218,7 @@ def _threat_label(threat: Optional[dict]) -> str:
                 if k in threat}
         return ThreatModel(**keep).short()
     except Exception:   # noqa: BLE001 — a record from another version: fall back to its numbers
-        return f"{threat.get('attack', '?')} {threat.get('norm', '')} ε={threat.get('eps_255', '?')}/255"
+        return f"{threat.get('attack', '?')} {threat.get('norm', '')} ε={eps_text(threat)}"
 
 
 ACCURACY_HEADER = ["evaluated on", "threat model", "clean acc. (%)", "robust acc. (%)", "images"]
@@ -282,7 +283,8 @@ def model_card(meta: PromptMeta, repo_id: str, *, metrics: Optional[dict] = None
     rows = accuracy_rows(metrics, evals or {})
     accuracy = (_table(ACCURACY_HEADER, rows) if rows else "No evaluation was recorded with this run.")
     ref = HUB_PREFIX + repo_id
-    eps = (meta.train_threat or {}).get("eps_255") or 1   # evaluate at the budget it was trained for
+    # evaluate at the budget it was trained for (ℓ∞ ε=1/255 for prompts trained clean)
+    budget = cli_eps(meta.train_threat) if meta.train_threat else "--eps 1"
     body = f"""# {method} prompts for {bb['name']}{f" on {ds['name']}" if ds.get('name') else ''}
 
 Adversarially robust prompts learned with robustprompt.
@@ -307,7 +309,7 @@ clf = rp.load_classifier(prompts="{ref}")   # images B×3×S×S in [0, 1] → lo
 
 ```bash
 robustprompt pull {repo_id} --out prompts/{repo_id.split('/')[-1]}
-robustprompt eval --run {ref} --dataset {ds.get('spec') or ds.get('name') or 'DATASET'} --attack pgd --eps {eps:g}
+robustprompt eval --run {ref} --dataset {ds.get('spec') or ds.get('name') or 'DATASET'} --attack pgd {budget}
 ```
 """
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body

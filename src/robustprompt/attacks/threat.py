@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 from numbers import Integral, Real
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -182,3 +182,22 @@ def _check_finite(name: str, value: Any) -> None:
         finite = False
     if not finite:
         raise ConfigError(f"{name}: {_quote(value)} is not a finite number")
+
+
+def eps_text(threat: Mapping[str, Any], name: str = "eps") -> str:
+    """A recorded threat's budget (name "eps") or step size ("alpha") as users write it: "4/255"
+    for ℓ∞ (from eps_255 / alpha_255), "3" for ℓ2 (pixel units, as --eps takes it). Reads a
+    `describe()` dict or a report's threat key (which keeps only the /255 values)."""
+    value = threat.get(f"{name}_255")
+    if threat.get("norm") == "l2":
+        value = value / 255 if value is not None else threat.get(name)
+        return "?" if value is None else f"{float(value):g}"
+    return "?/255" if value is None else f"{float(value):g}/255"
+
+
+def cli_eps(threat: Mapping[str, Any]) -> str:
+    """The `--norm/--eps` flags that give a recorded threat's budget at the command line."""
+    text = eps_text(threat)
+    if threat.get("norm") == "l2":
+        return f"--norm l2 --eps {text}"
+    return f"--eps {text.removesuffix('/255')}"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from ..attacks.threat import eps_text
 from ..errors import ConfigError
 
 log = logging.getLogger("robustprompt")
@@ -404,17 +405,17 @@ def threat_label(key: Iterable[tuple[str, Any]], titles: Optional[Sequence[str]]
         names = list(titles) if titles else [ident[0] for ident in t.get("attacks", ())]
         norm = _NORM_TEXT.get(str(t.get("norm")), str(t.get("norm")))
         what = f"worst case over: {'; '.join(names)}" if len(names) > 1 else "; ".join(names)
-        text = f"{norm} ε={_g(t.get('eps_255'))}/255, {what}"
+        text = f"{norm} ε={eps_text(t)}, {what}"
     else:
         norm = _NORM_TEXT.get(str(t.get("norm")), str(t.get("norm")))
-        eps = f"ε={_g(t.get('eps_255'))}/255"
+        eps = f"ε={eps_text(t)}"
         if attack == "autoattack":
             name = "AutoAttack" if "aa_version" not in t else f"AutoAttack-{t['aa_version']}"
             text = f"{name} {norm} {eps}"
         elif attack == "pgd":
             restarts = f" ×{t['restarts']}" if t.get("restarts", 1) != 1 else ""
             loss = f" {t['loss']}" if t.get("loss", "ce") != "ce" else ""
-            alpha = f" α={_g(t['alpha_255'])}/255" if "alpha_255" in t else ""
+            alpha = f" α={eps_text(t, 'alpha')}" if "alpha_255" in t else ""
             text = f"PGD-{t.get('steps', '?')}{restarts}{loss} {norm} {eps}{alpha}"
         else:
             loss = f" {t['loss']}" if t.get("loss", "ce") != "ce" else ""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..attacks.threat import eps_text
+
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
     """A GitHub-style markdown table, readable as plain text too."""
@@ -32,7 +34,7 @@ def print_metrics(m: dict[str, Any]) -> None:
         for a in m["attacks"]:
             print(f"  under {a.get('title', a['key'])}: {a['acc']:.2f}%")
         print(f"  robust accuracy: {m['robust_acc']:.2f}%  worst case per image over {len(m['attacks'])} attacks, "
-              f"{threat.get('norm', '')} eps={threat.get('eps_255', 0):g}/255{quant}")
+              f"{threat.get('norm', '')} eps={eps_text(threat)}{quant}")
     elif threat.get("attack") != "none":
         extra = ""
         if m.get("kind") == "tta":
@@ -46,9 +48,9 @@ def print_metrics(m: dict[str, Any]) -> None:
 
 
 def _threat_text(t: dict[str, Any]) -> str:
-    parts = [f"{t.get('norm', '')} eps={t.get('eps_255', 0):g}/255"]
+    parts = [f"{t.get('norm', '')} eps={eps_text(t)}"]
     if "steps" in t:
-        parts.append(f"steps={t['steps']} alpha={t['alpha_255']:g}/255")
+        parts.append(f"steps={t['steps']} alpha={eps_text(t, 'alpha')}")
         if t.get("restarts", 1) != 1:
             parts.append(f"restarts={t['restarts']}")
         if t.get("loss", "ce") != "ce":
