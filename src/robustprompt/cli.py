@@ -321,12 +321,7 @@ def cmd_tta(args: argparse.Namespace) -> int:
 
     base = load_yaml(args.config) if args.config else {}
     raw = deep_merge(base, collect_overrides(args, MODEL_FLAGS, DATA_FLAGS, ATTACK_FLAGS, RUN_FLAGS,
-                                             {"method": "method.name", "adaptive": "adaptive",
-                                              "quantize_adv": "quantize_adv", "defence_seed": "defence_seed",
-                                              "adaptive_steps": "adaptive_attack.steps",
-                                              "eot": "adaptive_attack.eot", "adaptive_loss": "adaptive_attack.loss",
-                                              "adaptive_restarts": "adaptive_attack.restarts"},
-                                             TTA_PRECISION_FLAGS))
+                                             {**TTA_FLAGS, "adaptive": "adaptive"}, TTA_PRECISION_FLAGS))
     warn_pixel_units(args.eps, (raw.get("attack") or {}).get("norm"))
     if raw.get("adaptive") == []:  # a bare --adaptive: both threat models
         raw["adaptive"] = True
@@ -752,6 +747,7 @@ def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+# tta's own flags (cmd_tta adds "adaptive", whose bare form needs a translation first)
 TTA_FLAGS = {"method": "method.name", "adaptive_steps": "adaptive_attack.steps", "eot": "adaptive_attack.eot",
              "adaptive_loss": "adaptive_attack.loss", "adaptive_restarts": "adaptive_attack.restarts",
              "defence_seed": "defence_seed", "quantize_adv": "quantize_adv"}
