@@ -193,13 +193,17 @@ def resolved_only(raw: dict, cfg: Any, args: argparse.Namespace, command: str) -
 
 
 def check_experiment_key(key: str) -> None:
-    """`run --set KEY`: train.* keys are a TrainConfig's, the rest the experiment file's."""
+    """`run --set KEY`: train.* keys are a TrainConfig's, tta.* a TTAConfig's, the rest the experiment file's."""
     from .config import check_dotted_key
     from .engine.experiment import ExperimentConfig
     from .engine.train import TrainConfig
 
     if key.startswith("train."):
         check_dotted_key(TrainConfig, key[len("train."):], "train.")
+    elif key.startswith("tta."):
+        from .engine.tta import TTAConfig
+
+        check_dotted_key(TTAConfig, key[len("tta."):], "tta.")
     elif key.split(".")[0] != "grid":
         check_dotted_key(ExperimentConfig, key)
 

@@ -1,5 +1,6 @@
 """`robustprompt run CONFIG.yaml`: train, then evaluate clean and robust accuracy, over seeds and
-over a grid of settings (methods × datasets × shots …), and summarise mean ± std.
+over a grid of settings (methods × datasets × shots …), and summarise mean ± std. An experiment with
+a ``tta:`` section instead of ``train:`` runs a test-time defence protocol (engine.tta_experiment).
 
 Every (grid point, seed) gets a training run directory and one evaluation run directory per
 target, so a killed experiment resumes where it stopped and finished runs are never redone.
@@ -25,6 +26,7 @@ from .evaluate import EvalConfig, check_seed, evaluate
 from .rundir import check_out_dir, experiment_dir
 from .runtime import process_state
 from .train import TrainConfig, train, train_config_from_dict
+from .tta_experiment import check_tta_experiment, expand_tta, run_tta_points, summarize_tta
 
 
 def _paper_eval_attack() -> AttackSpec:
@@ -58,6 +60,7 @@ class ExperimentEval:
 class ExperimentConfig:
     name: str = "experiment"
     train: dict = field(default_factory=dict)          # a TrainConfig, validated per grid point
+    tta: dict = field(default_factory=dict)            # or a TTAConfig: a test-time protocol (no training)
     eval: ExperimentEval = field(default_factory=ExperimentEval)
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     grid: dict = field(default_factory=dict)           # dotted key under train/eval → list of values
@@ -145,13 +148,22 @@ def run_experiment(cfg: ExperimentConfig, out: Optional[str | Path] = None, *, p
     """Every (grid point, seed): train, then evaluate each target; returns the summary (main
     process). The root folder follows the run-directory rules (marker; a non-empty folder without
     one is refused) and is locked for the whole experiment; each run inside it is a run directory."""
-    points = expand(cfg, where)
+    test_time = check_tta_experiment(cfg.tta, cfg.train, where)
+    points = expand_tta(cfg.tta, cfg.grid, cfg.seeds, cfg.device, where) if test_time else expand(cfg, where)
     root = Path(out or cfg.out or Path("runs") / "experiments" / _slug(cfg.name))
     check_out_dir(root)   # before any work
     state, _ = process_state(cfg.device)
     with experiment_dir(root, state, wait_for_lock=wait_for_lock):
         if state.is_main_process:
             atomic_write_text(root / "experiment.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if test_time:
+            rows = run_tta_points(points, cfg.seeds, root, progress)
+            if not state.is_main_process:
+                return None
+            summary = summarize_tta(rows, cfg.name, cfg.seeds)
+            atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(root / "summary.md", summary["markdown"])
+            return summary
         rows = []
         for point in points:
             for seed in cfg.seeds:
@@ -243,5 +255,15 @@ def load_experiment(path: str | Path, overrides: Optional[dict] = None) -> Exper
     if overrides:
         raw = deep_merge(raw, overrides)
     cfg = from_dict(ExperimentConfig, raw, str(path))
-    expand(cfg, str(path))  # validate every grid point now, not hours later
+    validate_experiment(cfg, str(path))  # every grid point now, not hours later
     return cfg
+
+
+def validate_experiment(cfg: ExperimentConfig, where: str = "config") -> None:
+    """Build every grid point's configs (training or test-time), raising ConfigError on the first bad one."""
+    if check_tta_experiment(cfg.tta, cfg.train, where):
+        if not cfg.seeds:
+            raise ConfigError(f"{where}: seeds must list at least one seed")
+        expand_tta(cfg.tta, cfg.grid, cfg.seeds, cfg.device, where)
+    else:
+        expand(cfg, where)
