@@ -342,6 +342,21 @@ def cmd_tta(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tta_stats(args: argparse.Namespace) -> int:
+    """TAPT's statistics pre-pass: per-block token moments on clean and adversarial images → one file."""
+    from .config import deep_merge, from_dict, load_yaml
+    from .tta.token_stats import TokenStatsConfig, run_token_stats
+
+    raw = deep_merge(load_yaml(args.config) if args.config else {},
+                     collect_overrides(args, MODEL_FLAGS, DATA_FLAGS, ATTACK_FLAGS, RUN_FLAGS))
+    warn_pixel_units(args.eps, (raw.get("attack") or {}).get("norm"))
+    cfg = from_dict(TokenStatsConfig, raw, args.config or "config")
+    meta = run_token_stats(cfg, args.out, progress=not args.no_progress)
+    print(f"token statistics of {meta['n']} images ({meta['dataset']}, clean and {meta['threat'].get('attack')}) "
+          f"for {meta['backbone_hash']} -> {meta['file']} (sha256 {meta['sha256']})")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .config import AttackSpec, ModelSpec
     from .explain import run_explain
@@ -626,6 +641,19 @@ def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
     add_run_args(p)
     p.set_defaults(func=cmd_tta)
     defaults["tta"] = p
+
+    p = command("tta-stats", help="TAPT's statistics: per-block image-token mean/variance on clean and "
+                                  "adversarial images of a dataset, for `tta --method tapt --param stats=FILE`")
+    add_model_args(p)
+    add_data_args(p)
+    add_attack_args(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--config", help="YAML config (model, data, attack, seed, device); flags override its keys")
+    g.add_argument("--seed", type=int, help="attack seed (per image, as eval)")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
+    g.add_argument("--out", required=True, help="the statistics file to write (safetensors, written atomically)")
+    g.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_tta_stats)
 
     p = command("explain", help="attribution maps, clean vs adversarial, as a figure (PNG + PDF)")
     p.add_argument("--image", help="an image file, or 'example' for the packaged Fashion-MNIST image")

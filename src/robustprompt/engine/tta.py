@@ -185,12 +185,14 @@ class TTAConfig:
         return self.seed + 1 if self.defence_seed is None else self.defence_seed
 
 
-def _model_spec(spec: ModelSpec) -> ModelSpec:
-    """A test-time defence tunes a text prompt: without one given, TPT's."""
+def _model_spec(spec: ModelSpec, procedure=None) -> ModelSpec:
+    """A test-time defence tunes a prompt: without one given, the procedure's default_prompt,
+    else TPT's."""
     if spec.run or spec.prompt is not None:
         return spec
+    prompt = getattr(procedure, "default_prompt", None) or TPT_PROMPT
     return ModelSpec(name=spec.name, pretrained=spec.pretrained, quick_gelu=spec.quick_gelu,
-                     prompt=TPT_PROMPT, templates=spec.templates)
+                     prompt=prompt, templates=spec.templates)
 
 
 NONADAPTIVE_TITLE = "non-adaptive (CLIP, initial prompt)"
@@ -240,7 +242,7 @@ def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool
     set_tf32(cfg.tf32)
     params, augmix_source = resolve_augmix(cfg.method, cfg.data.dataset)
     procedure = build_procedure(cfg.method.name, params)
-    model_spec = _model_spec(cfg.model)
+    model_spec = _model_spec(cfg.model, procedure)
     config = {"kind": "tta", **to_dict(cfg)}
     config["model"] = to_dict(model_spec)
     config["model"]["prompt"] = resolved_prompt(model_spec).to_dict()

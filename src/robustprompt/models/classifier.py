@@ -221,9 +221,12 @@ class PromptedClassifier(nn.Module):
                              f"got shape {tuple(x.shape)}")
         return (x - self.mean) / self.std
 
-    def encode_image(self, x: torch.Tensor, trace: Optional[TraceSpec] = None
+    def encode_image(self, x: torch.Tensor, trace: Optional[TraceSpec] = None,
+                     vision_prompts: Optional[list[torch.Tensor]] = None
                      ) -> tuple[torch.Tensor, Optional[VisionTrace]]:
-        feats, rec = self.model.encode_image(self.normalize(x), trace)
+        """x B×3×S×S in [0,1] → normalised features B×D (+ trace). vision_prompts: per block
+        n_ctx×d or B×n_ctx×d, overriding the learned vision context (PromptedCLIP.encode_image)."""
+        feats, rec = self.model.encode_image(self.normalize(x), trace, vision_prompts)
         return F.normalize(feats, dim=-1), rec
 
     def logits_from(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

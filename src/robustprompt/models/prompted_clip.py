@@ -120,14 +120,20 @@ class PromptedCLIP(nn.Module):
         return self.prompt.text_side_parameters() if self.prompt is not None else []
 
     # ------------------------------------------------------------------ vision
-    def encode_image(self, images: torch.Tensor, trace: Optional[TraceSpec] = None
+    def encode_image(self, images: torch.Tensor, trace: Optional[TraceSpec] = None,
+                     vision_prompts: Optional[list[torch.Tensor]] = None
                      ) -> tuple[torch.Tensor, Optional[VisionTrace]]:
+        """vision_prompts overrides the learned vision context: per block, n_ctx×d (shared) or
+        B×n_ctx×d (one context per image — e.g. a prompt tuned per test image)."""
         if not self.vision_is_vit:
-            if trace is not None:
-                raise ModelError("tracing needs a ViT image tower")
+            if trace is not None or vision_prompts is not None:
+                raise ModelError("tracing and vision prompts need a ViT image tower")
             return self.clip.visual(images), None
         v = self.clip.visual
-        prompts = self.prompt.vision_prompts() if self.prompt is not None else None
+        if vision_prompts is not None:
+            prompts = vision_prompts
+        else:
+            prompts = self.prompt.vision_prompts() if self.prompt is not None else None
         x = v.conv1(images)
         B = x.shape[0]
         x = x.reshape(B, x.shape[1], -1).permute(0, 2, 1)
@@ -137,8 +143,8 @@ class PromptedCLIP(nn.Module):
         x = v.patch_dropout(x)
         n_prompts = 0
         if prompts:
-            n_prompts = prompts[0].shape[0]
-            x = torch.cat([x, prompts[0].to(x.dtype).expand(B, -1, -1)], dim=1)
+            n_prompts = prompts[0].shape[-2]
+            x = torch.cat([x, _per_sequence(prompts[0], B, x.dtype)], dim=1)
         x = v.ln_pre(x)
         blocks = v.transformer.resblocks
         traced = trace.resolve(len(blocks)) if trace is not None else set()
@@ -146,7 +152,7 @@ class PromptedCLIP(nn.Module):
                           grid=tuple(v.grid_size)) if trace is not None else None
         for b, blk in enumerate(blocks):
             if prompts and 1 <= b < len(prompts):
-                x = torch.cat([x[:, :-n_prompts], prompts[b].to(x.dtype).expand(B, -1, -1)], dim=1)
+                x = torch.cat([x[:, :-n_prompts], _per_sequence(prompts[b], B, x.dtype)], dim=1)
             if b in traced:
                 check_traceable(blk)
                 x, bt = traced_block_forward(blk, x, None, record_attn=trace.attn)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import ConfigError
-from ..models import PromptedClassifier
+from ..models import PromptConfig, PromptedClassifier
 from ..registry import Registry
 from .views import augmix_views
 
@@ -81,6 +81,8 @@ class TTAProcedure:
     summary: ClassVar[str] = ""
     tunes_prompt: ClassVar[bool] = True
     Params: ClassVar[type] = TTAParams
+    # the prompt a run starts from when the user gives none (None: TPT's, engine.tta.TPT_PROMPT)
+    default_prompt: ClassVar[Optional[PromptConfig]] = None
 
     def __init__(self, params: Any) -> None:
         self.params = params
