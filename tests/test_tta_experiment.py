@@ -96,3 +96,13 @@ def test_the_atpt_protocol_lists_the_six_procedures_on_atpts_datasets():
     assert sorted(cfg.grid["tta.data.dataset"]) == sorted(
         ["oxford_pets", "caltech101", "stanford_cars", "dtd", "ucf101", "eurosat", "oxford_flowers", "fgvc_aircraft"])
     assert (cfg.tta["model"]["name"], cfg.tta["attack"]["eps"], cfg.tta["attack"]["steps"]) == ("ViT-B-16", 4, 100)
+
+
+def test_a_missing_statistics_file_stops_the_protocol_before_any_run(tmp_path):
+    raw = {**SMALL, "grid": {"tta.method": [{"name": "tpt", "params": VIEWS},
+                                            {"name": "tapt", "params": {**VIEWS, "stats": str(tmp_path / "no.safetensors")}}]}}
+    cfg = from_dict(ExperimentConfig, raw)
+    validate_experiment(cfg)          # loading and printing a protocol does not need the file yet
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_experiment(cfg, tmp_path / "exp", progress=False)
+    assert not (tmp_path / "exp" / "method=tpt").exists()

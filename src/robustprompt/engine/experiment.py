@@ -149,7 +149,8 @@ def run_experiment(cfg: ExperimentConfig, out: Optional[str | Path] = None, *, p
     process). The root folder follows the run-directory rules (marker; a non-empty folder without
     one is refused) and is locked for the whole experiment; each run inside it is a run directory."""
     test_time = check_tta_experiment(cfg.tta, cfg.train, where)
-    points = expand_tta(cfg.tta, cfg.grid, cfg.seeds, cfg.device, where) if test_time else expand(cfg, where)
+    points = expand_tta(cfg.tta, cfg.grid, cfg.seeds, cfg.device, where, build=True) if test_time \
+        else expand(cfg, where)
     root = Path(out or cfg.out or Path("runs") / "experiments" / _slug(cfg.name))
     check_out_dir(root)   # before any work
     state, _ = process_state(cfg.device)

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from ..config import from_dict, set_dotted
 from ..errors import ConfigError
 from ..report.console import format_table
-from ..tta.procedures import build_procedure
+from ..tta.procedures import build_procedure, procedure_class
 from .tta import TTAConfig, resolve_augmix, run_tta
 
 
@@ -45,8 +45,11 @@ def setting_name(dotted: str) -> str:
     return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
 
-def expand_tta(tta: dict, grid: dict, seeds: list[int], device: str, where: str = "config") -> list[TTAPoint]:
-    """Every grid point with its validated per-seed configs — all checked before anything runs."""
+def expand_tta(tta: dict, grid: dict, seeds: list[int], device: str, where: str = "config", *,
+               build: bool = False) -> list[TTAPoint]:
+    """Every grid point with its validated per-seed configs — all checked before anything runs.
+    build=True also builds each point's procedure, which checks the files it reads (TAPT's
+    statistics): done before a protocol runs, not when a config is only loaded or printed."""
     for k, values in grid.items():
         if not k.startswith("tta."):
             raise ConfigError(f"{where}: grid key {k!r} of a test-time experiment must start with 'tta.'")
@@ -65,7 +68,12 @@ def expand_tta(tta: dict, grid: dict, seeds: list[int], device: str, where: str 
         raw.setdefault("device", device)
         configs = {seed: from_dict(TTAConfig, {**raw, "seed": seed}, f"{where} [{key}]: tta") for seed in seeds}
         first = configs[seeds[0]]
-        build_procedure(first.method.name, resolve_augmix(first.method, first.data.dataset)[0])  # name, params
+        params = resolve_augmix(first.method, first.data.dataset)[0]
+        if build:   # everything the procedure checks, its input files included
+            build_procedure(first.method.name, params)
+        else:       # the name and the values only (a statistics file may be made later)
+            cls = procedure_class(first.method.name)
+            from_dict(cls.Params, params, f"{where} [{key}]: tta.method.params ({cls.name})")
         points.append(TTAPoint(key, settings, configs))
     labels = [p.key for p in points]
     if len(set(labels)) != len(labels):
