@@ -262,3 +262,43 @@ def test_adaptive_attack_is_at_least_as_strong_as_the_non_adaptive_one(clf, data
     with torch.no_grad():
         wrong = lambda z: int((proc.run(clf, z, vs).argmax(1) != y).sum())   # noqa: E731
     assert wrong(adv) >= wrong(nonadaptive)
+
+
+# ----------------------------------------------------------------------------- the commands
+@pytest.fixture
+def folder(tmp_path):
+    """4 RGB images of 2 classes in an imagefolder layout, and rp-tiny weights in a file (a random
+    init is another backbone in every process; a file has one hash)."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for c, color in (("cat", (200, 40, 40)), ("dog", (40, 40, 200))):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (36, 36), tuple(v + 10 * i for v in color)).save(root / c / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save(load_backbone("rp-tiny").model.state_dict(), tmp_path / "tiny.pt")
+    return root
+
+
+def test_tta_stats_command_then_a_tapt_run(folder, tmp_path, capsys):
+    from robustprompt.cli import main
+
+    model = ["--model", "rp-tiny", "--pretrained", str(tmp_path / "tiny.pt"), "--dataset", f"imagefolder:{folder}",
+             "--coupling", "independent", "--n-ctx", "2", "--depth", "3", "--no-progress"]
+    out = tmp_path / "stats.safetensors"
+    assert main(["tta-stats", *model, "--steps", "1", "--eps", "4", "--out", str(out)]) == 0
+    meta = load_token_stats(out).meta
+    assert meta["n"] == 4 and meta["dataset"] == f"imagefolder:{folder}" and meta["threat"]["steps"] == 1
+    capsys.readouterr()
+    assert main(["tta-stats", *model, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("robustprompt tta-stats: error: --out") and "is a folder" in err and "\n" not in err
+    # a separate process's untrained prompt is another draw: TAPT starts from the file's
+    assert main(["tta", *model, "--method", "tapt", "--param", f"stats={out}", "--param", "n_views=4",
+                 "--attack", "none", "--out", str(tmp_path / "run")]) == 0
+    import json
+
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["tta_params"]["stats_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert metrics["prompt"]["coupling"] == "independent"

@@ -31,6 +31,15 @@ tuning step runs the image tower on the selected views of all images in one batc
 image's views with its own vision prompt (PromptedCLIP.encode_image's per-image
 `vision_prompts`), traced at the aligned blocks.
 
+The initial prompt. TAPT's numbers start from an IVLP prompt adversarially trained on ImageNet
+(16 shots; the released scripts' --model-dir), and its statistics were computed with that same
+prompt: pass such a training run with --run, to both `robustprompt tta-stats` and `robustprompt
+tta`. Without --run the prompt is TAPT_PROMPT untrained ("a photo" as the text context, vision
+tokens a random N(0, 0.02²) draw). Since the statistics of the prompt tokens are the prompt
+itself, the statistics file stores the prompt it was computed with and TAPT starts from that one
+when the model's differs (``prompt_from_stats``, default true, with a warning naming both
+hashes — a random untrained draw is never the same in two processes); false refuses instead.
+
 Couplings: any prompt with vision prompts; the tuned copies are the resolved per-block tensors
 (for a coupled prompt the copies are tuned as independent tensors, the coupling is not kept);
 without text prompts (coupling "vision", TAPT's V variant) the class text features are fixed.

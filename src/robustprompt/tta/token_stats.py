@@ -214,9 +214,10 @@ def check_stats_for(stats: TokenStats, clf: PromptedClassifier, where: str = "th
 # ---------------------------------------------------------------------------- command
 @dataclass
 class TokenStatsConfig:
-    """`robustprompt tta-stats`: the model whose prompt TAPT starts from, the public set, the
-    threat model of the adversarial statistics (TAPT's released scripts: PGD ε = 1/255, 100 steps,
-    α = 1/255... here the toolkit's attack flags), the seed and the device."""
+    """`robustprompt tta-stats`: the model whose prompt TAPT starts from (no prompt given:
+    TAPT's), the public set (default: a seeded 256-image subset), the threat model of the
+    adversarial statistics (default PGD-100, ε = α = 1/255: the AT.TEST block of TAPT's released
+    configs), the attack seed and the device."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=lambda: DataSpec(batch_size=32, subset=256))
