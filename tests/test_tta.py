@@ -28,7 +28,7 @@ def test_each_procedure_on_the_tiny_backbone(name, tiny_backbone, tiny_images):
 
 
 def test_registry_lists_all():
-    assert list_procedures() == ["atpt", "ctpt", "mta", "rtpt", "tpt", "ttc"]
+    assert list_procedures() == ["atpt", "ctpt", "mta", "rtpt", "tapt", "tpt", "ttc"]
     with pytest.raises(ConfigError, match="unknown test-time procedure"):
         build_procedure("ttt")
     with pytest.raises(ConfigError, match="fusion"):
