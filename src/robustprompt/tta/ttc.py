@@ -227,7 +227,8 @@ class TTC(TTAProcedure):
             raise ValueError(f"need one seed per image: {images.shape[0]} images, {len(seeds)} seeds")
         x = images if differentiable else images.detach()
         eps, alpha = p.eps_pixels, p.step_pixels
-        txt = clf.text_features().detach()
+        with torch.no_grad():     # the text side is a constant here: the cached features, no graph
+            txt = clf.text_features()
         embed = lambda z: self.embed(clf, z)  # noqa: E731
         with torch.set_grad_enabled(differentiable):
             delta0 = random_start(x, eps, p.norm, list(seeds))
