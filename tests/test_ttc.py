@@ -76,7 +76,7 @@ class LinearClassifier:
         return 10 * f @ t.t()
 
 
-def _expected_linear(x, a, text, seeds, eps, alpha, steps, beta, tau_thres, ungated):
+def _expected_linear(x, a, text, seeds, eps, alpha, steps, beta, tau_thres, ungated, combine="perturbation"):
     """The released code's TTC on f = A·x, one image at a time in float64: ∇_δ‖Aδ‖² = 2AᵀAδ."""
     out, gated = [], []
     for xi, s in zip(x, seeds):
@@ -91,17 +91,20 @@ def _expected_linear(x, a, text, seeds, eps, alpha, steps, beta, tau_thres, unga
             ds.append(d)
         w = [math.exp(beta * k) for k in range(steps + 1)]
         gated.append(bool(tau < tau_thres))
-        if tau < tau_thres:
-            final = xi + sum(wk / sum(w) * dk for wk, dk in zip(w, ds))
+        unit = lambda z: F.normalize(a @ z.flatten(), dim=0)  # noqa: E731
+        if tau < tau_thres and combine == "perturbation":
+            f = unit(xi + sum(wk / sum(w) * dk for wk, dk in zip(w, ds)))
+        elif tau < tau_thres:     # the weighted mean of the unit embeddings along the steps
+            f = F.normalize(sum(wk / sum(w) * unit(xi + dk) for wk, dk in zip(w, ds)), dim=0)
         else:
-            final = xi + d0 if ungated == "noise" else xi
-        f = F.normalize(a @ final.flatten(), dim=0)
+            f = unit(xi + d0 if ungated == "noise" else xi)
         out.append((10 * text @ f).softmax(0))
     return torch.stack(out), gated
 
 
-@pytest.mark.parametrize("ungated", ["noise", "clean"])
-def test_whole_procedure_against_a_float64_loop_on_a_linear_encoder(ungated):
+@pytest.mark.parametrize("ungated, combine", [("noise", "perturbation"), ("clean", "perturbation"),
+                                             ("noise", "embedding"), ("clean", "embedding")])
+def test_whole_procedure_against_a_float64_loop_on_a_linear_encoder(ungated, combine):
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(12, 12, generator=gen, dtype=torch.float64) + 3 * torch.eye(12, dtype=torch.float64)
     text = F.normalize(torch.randn(4, 12, generator=gen, dtype=torch.float64), dim=-1)
@@ -109,9 +112,9 @@ def test_whole_procedure_against_a_float64_loop_on_a_linear_encoder(ungated):
     x[1] = 0.004 * x[1]              # a dark image: the noise is large relative to it, τ > 0.2
     x[2, 0] = 1.0                    # a saturated channel: the [0,1] clamp binds
     seeds = [5, 6, 7]
-    proc = build_procedure("ttc", {"ungated": ungated})
+    proc = build_procedure("ttc", {"ungated": ungated, "combine": combine})
     got = proc.run(LinearClassifier(a, text), x, seeds)
-    want, gated = _expected_linear(x, a, text, seeds, 4 / 255, 1 / 255, 2, 2.0, 0.2, ungated)
+    want, gated = _expected_linear(x, a, text, seeds, 4 / 255, 1 / 255, 2, 2.0, 0.2, ungated, combine)
     assert gated == [True, False, True]     # both branches of the gate are exercised
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
