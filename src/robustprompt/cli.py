@@ -618,12 +618,13 @@ def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_run)
 
-    p = command("tta", help="a test-time defence (TPT, C-TPT, MTA, R-TPT, A-TPT) under attack")
+    p = command("tta", help="a test-time defence (TPT, C-TPT, MTA, R-TPT, A-TPT, TTC, TAPT) under attack")
     add_model_args(p)
     add_data_args(p)
     add_attack_args(p)
     g = p.add_argument_group("test-time defence")
-    g.add_argument("--method", help="tpt, ctpt, mta, rtpt or atpt (default atpt)")
+    g.add_argument("--method", help="tpt, ctpt, mta, rtpt, atpt, ttc or tapt (default atpt; tapt needs --param "
+                                     "stats=FILE from `robustprompt tta-stats`)")
     g.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="a procedure setting, e.g. n_views=64, fusion=rtpt; repeatable")
     g.add_argument("--adaptive", nargs="*", choices=["secret", "known"], default=None,
