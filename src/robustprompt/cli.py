@@ -350,7 +350,11 @@ def cmd_tta_stats(args: argparse.Namespace) -> int:
     raw = deep_merge(load_yaml(args.config) if args.config else {},
                      collect_overrides(args, MODEL_FLAGS, DATA_FLAGS, ATTACK_FLAGS, RUN_FLAGS))
     warn_pixel_units(args.eps, (raw.get("attack") or {}).get("norm"))
+    apply_sets(raw, args.set_items, TokenStatsConfig)
     cfg = from_dict(TokenStatsConfig, raw, args.config or "config")
+    if args.print_config:
+        print_config(cfg)
+        return 0
     meta = run_token_stats(cfg, args.out, progress=not args.no_progress)
     print(f"token statistics of {meta['n']} images ({meta['dataset']}, clean and {meta['threat'].get('attack')}) "
           f"for {meta['backbone_hash']} -> {meta['file']} (sha256 {meta['sha256']})")
@@ -650,6 +654,7 @@ def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
     add_attack_args(p)
     g = p.add_argument_group("run")
     g.add_argument("--config", help="YAML config (model, data, attack, seed, device); flags override its keys")
+    add_config_args(g)
     g.add_argument("--seed", type=int, help="attack seed (per image, as eval)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     g.add_argument("--out", required=True, help="the statistics file to write (safetensors, written atomically)")
