@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Sequence
 
@@ -155,12 +156,12 @@ class TAPT(TTAProcedure):
             raise ConfigError(f"tapt stats {params.stats[:200]} has SHA-256 {self.stats.sha256}, "
                               f"not the stats_sha256 {params.stats_sha256} given")
         params.stats_sha256 = self.stats.sha256   # recorded with the run's method params
-        self._checked: set[int] = set()
+        self._checked: "weakref.WeakSet[PromptedClassifier]" = weakref.WeakSet()   # models already checked
         self._on: dict[tuple, TokenStats] = {}
 
     # ------------------------------------------------------------ set-up
     def _check(self, clf: PromptedClassifier) -> None:
-        if id(clf) in self._checked:
+        if clf in self._checked:
             return
         cfg = clf.prompt_cfg
         if clf.model.prompt is None or not cfg.has_vision:
@@ -174,7 +175,7 @@ class TAPT(TTAProcedure):
             raise ConfigError(f"tapt stats {self.params.stats[:200]} have {self.stats.n_tokens} tokens per block, "
                               f"this model's image tower has {n_tokens} (n_ctx {cfg.n_ctx}); recompute them "
                               "with this prompt")
-        self._checked.add(id(clf))
+        self._checked.add(clf)
 
     def _use_stats_prompt(self, clf: PromptedClassifier) -> None:
         """The statistics belong to the prompt they were computed with (its tokens' statistics are
@@ -213,7 +214,8 @@ class TAPT(TTAProcedure):
         if key not in self._on:
             s = self.stats
             to = lambda t: t.to(device=like.device, dtype=like.dtype)   # noqa: E731
-            self._on[key] = TokenStats(to(s.clean_mean), to(s.clean_var), to(s.adv_mean), to(s.adv_var), s.meta, s.sha256)
+            self._on[key] = TokenStats(to(s.clean_mean), to(s.clean_var), to(s.adv_mean), to(s.adv_var),
+                                       s.meta, s.sha256)
         return self._on[key]
 
     # ------------------------------------------------------------ one evaluation of the objective
@@ -258,7 +260,8 @@ class TAPT(TTAProcedure):
         views = sel_views.detach()
         with torch.enable_grad():
             for _ in range(self.params.steps):
-                loss = self.objective(clf, views, prompts[:n_text], prompts[n_text:]).sum()  # each copy sees its own loss
+                # summed: each prompt copy sees only its own image's loss
+                loss = self.objective(clf, views, prompts[:n_text], prompts[n_text:]).sum()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -35,7 +35,7 @@ import torch
 
 from ..config import AttackSpec, DataSpec, ModelSpec
 from ..errors import ConfigError
-from ..models import PromptConfig, PromptedClassifier
+from ..models import PromptedClassifier
 from ..models.trace import TraceSpec
 
 log = logging.getLogger(__name__)
