@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,35 @@ def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = logits.log_softmax(-1)
     avg = torch.logsumexp(logp, dim=-2) - math.log(logits.shape[-2])
     return -(avg.exp() * avg).sum(-1)
+
+
+def adamw_unrolled(prompts: list[torch.Tensor], loss: Callable[[list[torch.Tensor]], torch.Tensor], *,
+                   steps: int, lr: float, weight_decay: float) -> list[torch.Tensor]:
+    """`steps` AdamW updates of `prompts` (tensors that require grad) on the scalar loss(prompts),
+    written out with the same operations in the same order as torch.optim.AdamW (its defaults
+    β = (0.9, 0.999), eps = 1e-8), with gradients from autograd.grad(create_graph=True): the returned
+    tensors carry the graph through every step (what the loss depends on → gradient → update).
+
+        θ ← θ·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
+        θ ← θ − (lr / (1−β1^t)) · m / (√v / √(1−β2^t) + eps).
+    """
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    m = [torch.zeros_like(t) for t in prompts]
+    v = [torch.zeros_like(t) for t in prompts]
+    for step in range(1, steps + 1):
+        grads = torch.autograd.grad(loss(prompts), prompts, create_graph=True)
+        bc1, bc2_sqrt = 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)
+        new = []
+        for i, (theta, g) in enumerate(zip(prompts, grads)):
+            theta = theta * (1 - lr * weight_decay)
+            m[i] = torch.lerp(m[i], g, 1 - beta1)
+            v[i] = v[i] * beta2 + (1 - beta2) * g * g
+            # √v floored at the smallest normal: where g ≡ 0 the plain sqrt's derivative (∞·0) would
+            # be NaN; the forward value changes only for v below that floor
+            root = v[i].clamp_min(torch.finfo(v[i].dtype).tiny).sqrt()
+            new.append(theta - (lr / bc1) * m[i] / (root / bc2_sqrt + eps))
+        prompts = new
+    return prompts
 
 
 class TTAProcedure:
@@ -151,43 +180,25 @@ class TTAProcedure:
 
     def _tune_through_update(self, clf: PromptedClassifier, feats: torch.Tensor,
                              selected: torch.Tensor) -> torch.Tensor:
-        """The prompt update as a differentiable function of the view features.
-
-        AdamW (torch's defaults β = (0.9, 0.999), eps = 1e-8; lr and weight decay from params),
-        written out with the same operations in the same order as torch.optim.AdamW, so the
-        forward values agree with `tune` to rounding:
-            θ ← θ·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
-            θ ← θ − (lr / (1−β1^t)) · m / (√v / √(1−β2^t) + eps).
-        g = ∂(tuning loss)/∂θ comes from torch.autograd.grad(..., create_graph=True), so the
-        result's graph reaches `feats` through every step. Returns text features P×K×D.
+        """The prompt update as a differentiable function of the view features: the AdamW steps of
+        `tune` (lr and weight decay from params) unrolled by `adamw_unrolled`, so the forward values
+        agree with `tune` to rounding and the result's graph reaches `feats` through every step.
+        Returns text features P×K×D.
         """
-        p = self.params
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
         P = feats.shape[0]
         scale = clf.model.logit_scale.detach()
         sel_feats = torch.gather(feats, 1, selected[..., None].expand(-1, -1, feats.shape[-1]))
+
+        def loss(prompts: list[torch.Tensor]) -> torch.Tensor:
+            txt = self.text_features(clf, prompts)
+            return self.tta_loss(scale * sel_feats @ txt.transpose(1, 2), txt).sum()
+
         # the attacker's backward differentiates the text tower's backward: the fused attention
         # kernels (flash, memory-efficient) have no double backward, the math one is plain ops
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            prompts = [t.unsqueeze(0).repeat(P, 1, 1).clone().requires_grad_(True)
-                       for t in self.initial_prompts(clf)]
-            m = [torch.zeros_like(t) for t in prompts]
-            v = [torch.zeros_like(t) for t in prompts]
-            for step in range(1, p.steps + 1):
-                txt = self.text_features(clf, prompts)
-                loss = self.tta_loss(scale * sel_feats @ txt.transpose(1, 2), txt).sum()
-                grads = torch.autograd.grad(loss, prompts, create_graph=True)
-                bc1, bc2_sqrt = 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)
-                new = []
-                for i, (theta, g) in enumerate(zip(prompts, grads)):
-                    theta = theta * (1 - p.lr * p.weight_decay)
-                    m[i] = torch.lerp(m[i], g, 1 - beta1)
-                    v[i] = v[i] * beta2 + (1 - beta2) * g * g
-                    # √v floored at the smallest normal: where g ≡ 0 the plain sqrt's derivative
-                    # (∞·0) would be NaN; the forward value changes only for v below that floor
-                    root = v[i].clamp_min(torch.finfo(v[i].dtype).tiny).sqrt()
-                    new.append(theta - (p.lr / bc1) * m[i] / (root / bc2_sqrt + eps))
-                prompts = new
+            init = [t.unsqueeze(0).repeat(P, 1, 1).clone().requires_grad_(True) for t in self.initial_prompts(clf)]
+            prompts = adamw_unrolled(init, loss, steps=self.params.steps, lr=self.params.lr,
+                                     weight_decay=self.params.weight_decay)
             return self.text_features(clf, prompts)
 
     def run(self, clf: PromptedClassifier, images: torch.Tensor, seeds: Sequence[int], *,

@@ -67,7 +67,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import ConfigError, ModelError
 from ..models import PromptConfig, PromptedClassifier
-from .base import TTAParams, TTAProcedure, entropy, marginal_entropy, register
+from .base import TTAParams, TTAProcedure, adamw_unrolled, entropy, marginal_entropy, register
 from .token_stats import TokenStats, block_inputs, check_stats_for, load_token_stats, prompt_hash
 
 log = logging.getLogger(__name__)
@@ -273,27 +273,12 @@ class TAPT(TTAProcedure):
         """AdamW (β = (0.9, 0.999), eps 1e-8) written out as in TTAProcedure._tune_through_update,
         with gradients from autograd.grad(create_graph=True): the result carries the graph
         views → tuning gradient → tuned prompts."""
-        p = self.params
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
         P = sel_views.shape[0]
         # the fused attention kernels have no double backward; the math one is plain ops
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             prompts = [t.unsqueeze(0).repeat(P, 1, 1).clone().requires_grad_(True) for t in init]
-            m = [torch.zeros_like(t) for t in prompts]
-            v = [torch.zeros_like(t) for t in prompts]
-            for step in range(1, p.steps + 1):
-                loss = self.objective(clf, sel_views, prompts[:n_text], prompts[n_text:]).sum()
-                grads = torch.autograd.grad(loss, prompts, create_graph=True)
-                bc1, bc2_sqrt = 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)
-                new = []
-                for i, (theta, g) in enumerate(zip(prompts, grads)):
-                    theta = theta * (1 - p.lr * p.weight_decay)
-                    m[i] = torch.lerp(m[i], g, 1 - beta1)
-                    v[i] = v[i] * beta2 + (1 - beta2) * g * g
-                    root = v[i].clamp_min(torch.finfo(v[i].dtype).tiny).sqrt()   # finite derivative where g ≡ 0
-                    new.append(theta - (p.lr / bc1) * m[i] / (root / bc2_sqrt + eps))
-                prompts = new
-        return prompts
+            return adamw_unrolled(prompts, lambda q: self.objective(clf, sel_views, q[:n_text], q[n_text:]).sum(),
+                                  steps=self.params.steps, lr=self.params.lr, weight_decay=self.params.weight_decay)
 
     # ------------------------------------------------------------ the procedure
     def run(self, clf: PromptedClassifier, images: torch.Tensor, seeds: Sequence[int], *,
