@@ -367,6 +367,12 @@ def test_tta_stats_command_then_a_tapt_run(folder, tmp_path, capsys):
     assert main(["tta-stats", *model, "--steps", "1", "--eps", "4", "--out", str(out)]) == 0
     meta = load_token_stats(out).meta
     assert meta["n"] == 4 and meta["dataset"] == f"imagefolder:{folder}" and meta["threat"]["steps"] == 1
+    # the untrained prompt is drawn from the config's seed: the same config gives the same file,
+    # whatever the process's random state was before
+    torch.manual_seed(12345)
+    again = tmp_path / "again.safetensors"
+    assert main(["tta-stats", *model, "--steps", "1", "--eps", "4", "--out", str(again)]) == 0
+    assert hashlib.sha256(again.read_bytes()).hexdigest() == hashlib.sha256(out.read_bytes()).hexdigest()
     capsys.readouterr()
     assert main(["tta-stats", *model, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

@@ -247,7 +247,11 @@ def run_token_stats(cfg: TokenStatsConfig, out: str | Path, *, progress: bool = 
     device = resolve_device(cfg.device)
     task = load_task(cfg.data)
     spec = tapt_model_spec(cfg.model)
-    clf = classifier_from_spec(spec, task.dataset, device)
+    # an untrained prompt's random vision tokens are part of what the file records: drawn from the
+    # config's seed, so the same config gives the same file whatever ran before in the process
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        clf = classifier_from_spec(spec, task.dataset, device)
     clf.eval()
     if not clf.model.vision_is_vit:
         raise ConfigError("token statistics need a ViT image tower")
