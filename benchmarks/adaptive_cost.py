@@ -5,13 +5,16 @@ Attacks (robustprompt.tta.adaptive; the threat-model names of issue 9):
   adaptive_secret  EOT-E APGD-N through the whole defence, E fresh view draws per step (one batched
                    call), gradient through the prompt update (create_graph)
   adaptive_known   APGD-N through the whole defence on the evaluation's own views
-plus, for scale, one run of the defence itself (no gradient).
+plus, for scale, one run of the defence itself (no gradient), and its ratio to TPT's in the same run.
+TAPT runs with a bimodal prompt (2 text + 2 vision tokens in 3 of the 4 blocks, as the demo) and
+token statistics from 64 training images made first (`tta-stats`: clean and PGD-10; its seconds
+per image are printed); TTC builds no views, so --views does not apply to it.
 
 The adaptive attacks cost the same per step at every step, so they can be timed with fewer steps
 (--steps) and reported per --report-steps steps: seconds × (report_steps + 1) / (steps + 1) (an
 APGD run of N steps makes N + 1 gradient evaluations). The non-adaptive PGD is timed at full length.
 Usage: python benchmarks/adaptive_cost.py [--images 2] [--views 64] [--steps 100] [--eot 16]
-       [--procedures tpt mta rtpt atpt] [--threads 2] [--repeats 1]
+       [--procedures tpt mta rtpt atpt ttc tapt] [--threads 2] [--repeats 1]
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from robustprompt.tta.adaptive import AdaptiveAttack, adaptive_attack
 from robustprompt.tta.procedures import build_procedure
 
 
-def load(n_images: int):
+def load(n_images: int, prompt=None):
     from robustprompt.api import get_backbone
     from robustprompt.data import build_dataset, clip_transform
     from robustprompt.engine.tta import TPT_PROMPT
@@ -36,7 +39,28 @@ def load(n_images: int):
     split = ds.split("test")
     x = torch.stack([clip_transform(28)(split.load(i)) for i in range(n_images)])
     y = torch.tensor(split.labels[:n_images])
-    return PromptedClassifier(get_backbone("demo"), ds.classnames, TPT_PROMPT), x, y
+    torch.manual_seed(0)
+    return PromptedClassifier(get_backbone("demo"), ds.classnames, prompt or TPT_PROMPT), x, y
+
+
+def tapt_setup(n_images: int, stats_images: int, tmp: str):
+    """TAPT's classifier (the demo's bimodal prompt) and its statistics file; seconds per image of
+    the statistics pre-pass."""
+    from robustprompt.config import from_dict
+    from robustprompt.demo.run import PGD_STEPS, TAPT_PROMPT_DEMO, TRAIN_EPS
+    from robustprompt.models import PromptConfig
+    from robustprompt.tta.token_stats import TokenStatsConfig, run_token_stats
+
+    cfg = from_dict(TokenStatsConfig, {
+        "model": {"name": "demo", "prompt": TAPT_PROMPT_DEMO},
+        "data": {"dataset": "fashion_mnist", "split": "train", "subset": stats_images, "batch_size": 64},
+        "attack": {"attack": "pgd", "eps": TRAIN_EPS, "steps": PGD_STEPS}, "device": "cpu"})
+    path = f"{tmp}/stats.safetensors"
+    t = time.perf_counter()
+    run_token_stats(cfg, path, progress=False)
+    per_image = (time.perf_counter() - t) / stats_images
+    clf, x, y = load(n_images, PromptConfig(**TAPT_PROMPT_DEMO))
+    return clf, x, y, path, per_image
 
 
 REPEATS = 1
@@ -62,7 +86,7 @@ def main() -> None:
     ap.add_argument("--eot", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=None, help="EOT draws per batched call")
     ap.add_argument("--eps", type=float, default=4.0, help="in /255")
-    ap.add_argument("--procedures", nargs="+", default=["tpt", "mta", "rtpt", "atpt"])
+    ap.add_argument("--procedures", nargs="+", default=["tpt", "mta", "rtpt", "atpt", "ttc", "tapt"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="time each attack this often, keep the minimum")
     args = ap.parse_args()
@@ -80,21 +104,40 @@ def main() -> None:
           f"{args.threads} threads; adaptive attacks timed with {args.steps} steps, reported per {args.report_steps} "
           f"(EOT-{args.eot}); non-adaptive PGD-{args.pgd_steps} timed in full. Seconds per image "
           "(ratio to the non-adaptive attack).\n")
-    print(f"| defence | defence run | non-adaptive PGD-{args.pgd_steps} | adaptive secret EOT-{args.eot} "
+    print(f"| defence | defence run (ratio to TPT's) | non-adaptive PGD-{args.pgd_steps} | adaptive secret EOT-{args.eot} "
           f"APGD-{args.report_steps} | adaptive known APGD-{args.report_steps} |")
     print("|---|---:|---:|---:|---:|")
-    for name in args.procedures:
-        proc = build_procedure(name, {"n_views": args.views})
-        with torch.no_grad():
-            t_run = timed(lambda: proc.run(clf, x, views)) / n
+    import dataclasses
+    import tempfile
 
-        def attack(**kw):
-            return adaptive_attack(proc, clf, x, y, eps=eps, norm="linf", attack_seeds=seeds, chunk=args.chunk, **kw)
+    from robustprompt.tta.procedures import procedure_class
 
-        t_secret = timed(lambda: attack(spec=AdaptiveAttack(steps=args.steps, eot=args.eot))) / n * scale
-        t_known = timed(lambda: attack(spec=AdaptiveAttack(steps=args.steps), view_seeds=views)) / n * scale
-        print(f"| {proc.title} | {t_run:.2f} | {t_pgd:.2f} (1×) | {t_secret:.1f} ({t_secret / t_pgd:.0f}×) | "
-              f"{t_known:.1f} ({t_known / t_pgd:.0f}×) |", flush=True)
+    t_tpt = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.procedures:
+            params = {}
+            if "n_views" in {f.name for f in dataclasses.fields(procedure_class(name).Params)}:
+                params["n_views"] = args.views
+            clf_p, x_p, y_p = clf, x, y
+            if name == "tapt":
+                clf_p, x_p, y_p, params["stats"], t_stats = tapt_setup(n, 64, tmp)
+            proc = build_procedure(name, params)
+            with torch.no_grad():
+                t_run = timed(lambda: proc.run(clf_p, x_p, views)) / n
+
+            def attack(**kw):
+                return adaptive_attack(proc, clf_p, x_p, y_p, eps=eps, norm="linf", attack_seeds=seeds,
+                                       chunk=args.chunk, **kw)
+
+            t_secret = timed(lambda: attack(spec=AdaptiveAttack(steps=args.steps, eot=args.eot))) / n * scale
+            t_known = timed(lambda: attack(spec=AdaptiveAttack(steps=args.steps), view_seeds=views)) / n * scale
+            t_tpt = t_tpt if t_tpt is not None or name != "tpt" else t_run
+            ratio = f" ({t_run / t_tpt:.2f}× TPT)" if t_tpt else ""
+            print(f"| {proc.title} | {t_run:.3f}{ratio} | {t_pgd:.2f} (1×) | {t_secret:.1f} ({t_secret / t_pgd:.0f}×) | "
+                  f"{t_known:.1f} ({t_known / t_pgd:.0f}×) |", flush=True)
+            if name == "tapt":
+                print(f"\nTAPT's statistics pre-pass (tta-stats, clean + PGD-10, 64 images): {t_stats:.3f} s per image\n",
+                      flush=True)
 
 
 if __name__ == "__main__":
