@@ -255,3 +255,21 @@ def test_adaptive_attack_is_at_least_as_strong_as_the_nonadaptive_one(demo):
         fooled_ada = proc.run(clf, adaptive, views).argmax(1) != y
     assert (fooled_ada >= fooled_non).all(), (fooled_non, fooled_ada)
     assert fooled_ada.sum() > fooled_non.sum(), (fooled_non, fooled_ada)   # the counterattack's gradient matters
+
+
+@pytest.mark.parametrize("method, given, want", [("ttc", None, 2), ("ttc", 1, 1), ("tpt", None, 1)])
+def test_adaptive_restarts_default_to_the_procedure_s_and_are_recorded(tmp_path, method, given, want):
+    """TTC's adaptive attack gets a second, random restart unless the user sets restarts; the
+    resolved value is what the run's config records (so other procedures keep their identities)."""
+    import yaml
+
+    from robustprompt.config import from_dict
+    from robustprompt.engine.tta import TTAConfig, run_tta
+
+    raw = {"model": {"name": "demo"}, "data": {"dataset": "fashion_mnist", "subset": 1, "batch_size": 1},
+           "method": {"name": method, "params": {} if method == "ttc" else {"n_views": 2}},
+           "attack": {"attack": "none"}, "adaptive_attack": {} if given is None else {"restarts": given},
+           "device": "cpu"}
+    run_tta(from_dict(TTAConfig, raw), tmp_path / "run", progress=False)
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["adaptive_attack"]["restarts"] == want

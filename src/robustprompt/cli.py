@@ -638,7 +638,7 @@ def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--adaptive-steps", type=int, help="iterations of the adaptive attack (default 100)")
     g.add_argument("--eot", type=int, help="view draws per step when the randomness is secret (default 16)")
     g.add_argument("--adaptive-loss", choices=["ce", "dlr"], help="adaptive attack loss (default ce)")
-    g.add_argument("--adaptive-restarts", type=int, help="random restarts of the adaptive attack (default 1)")
+    g.add_argument("--adaptive-restarts", type=int, help="random restarts of the adaptive attack (default: the procedure's, 1; TTC 2)")
     g.add_argument("--defence-seed", type=int, help="the defender's view randomness (default: --seed + 1)")
     g.add_argument("--quantize-adv", action="store_const", const=True, default=None,
                    help="round adversarial images to 8 bits before the defence (off by default)")

@@ -163,9 +163,6 @@ TTA_SUBSET = 16
 # The adaptive attacks at demo cost (the CLI defaults are APGD-100 with EOT-16): every step runs the
 # whole defence — 64 views, the prompt update with its second-order graph — once per view draw.
 TTA_ADAPTIVE = {"steps": 10, "eot": 4}
-# TTC costs a few forward passes, and an attack started only from the non-adaptive example stalls on
-# it (the counterattack undoes that example's direction), so it gets a second, random restart.
-TTA_ADAPTIVE_FOR = {"ttc": {**TTA_ADAPTIVE, "restarts": 2}}
 # TAPT's bimodal prompt on the 4-block demo backbone: 2 text + 2 vision tokens in 3 blocks (the
 # prompt-tuning section's depth), its statistics from 256 Fashion-MNIST training images, clean and
 # under the demo's threat model (PGD-10, ε = 4/255).
@@ -218,7 +215,7 @@ def _test_time(out: Path, progress: bool, device: str) -> str:
             params["stats"] = str(_tapt_stats(out, progress, device))
             model = ModelSpec(name="demo", prompt=PromptConfig(**TAPT_PROMPT_DEMO))
         cfg = TTAConfig(model=model, data=data, method=TTAMethodSpec(name, params), attack=attack, adaptive=True,
-                        adaptive_attack=AdaptiveSpec(**TTA_ADAPTIVE_FOR.get(name, TTA_ADAPTIVE)), device=device)
+                        adaptive_attack=AdaptiveSpec(**TTA_ADAPTIVE), device=device)
         # TAPT starts from the untrained prompt stored with its statistics (another random draw than
         # this run's own): expected here, and said in the caption rather than warned about
         with _quiet("robustprompt.tta.tapt"):
@@ -246,7 +243,7 @@ def _test_time(out: Path, progress: bool, device: str) -> str:
             f"clean and {tapt_base['base_robust_acc']:.2f} under the non-adaptive attack. Non-adaptive: PGD-"
             f"{PGD_STEPS} (α = ε/4) on CLIP with the initial prompt. Adaptive: APGD-{TTA_ADAPTIVE['steps']} through "
             f"the whole defence (views, prompt update, ensemble; TTC's counterattack steps, its τ gate held fixed), "
-            f"from the non-adaptive example (TTC: plus a random restart); randomness secret: the defence draws its "
+            f"from the non-adaptive example (TTC: plus a random restart, its default); randomness secret: the defence draws its "
             f"views or random start from a seed the attacker never uses, the attacker averages over "
             f"{TTA_ADAPTIVE['eot']} fresh draws per step (EOT); randomness known: the attacker attacks the exact "
             f"views or start the evaluation uses. Worst case: an image counts only if the defence survives every "

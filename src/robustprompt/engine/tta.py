@@ -23,6 +23,8 @@ from are recorded in the run's config (method.params.augmix) and metrics (augmix
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,12 +116,12 @@ class AdaptiveSpec:
     steps: int = 100
     eot: int = 16               # view sets per step when the randomness is secret
     loss: str = "ce"            # ce | dlr
-    restarts: int = 1
+    restarts: Optional[int] = None   # None: the procedure's own (TTAProcedure.adaptive_restarts; 1, TTC 2)
     schedule: str = "apgd"      # apgd | pgd
     through_update: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.eot < 1 or self.restarts < 1:
+        if self.steps < 1 or self.eot < 1 or (self.restarts is not None and self.restarts < 1):
             raise ConfigError(f"adaptive_attack needs steps, eot and restarts >= 1 "
                               f"(got {self.steps}, {self.eot}, {self.restarts})")
         if self.loss not in ("ce", "dlr"):
@@ -137,7 +139,7 @@ class AdaptiveSpec:
         name = f"{'APGD' if self.schedule == 'apgd' else 'PGD'}-{self.steps}"
         if self.loss != "ce":
             name += f"-{self.loss.upper()}"
-        if self.restarts > 1:
+        if (self.restarts or 1) > 1:
             name += f" ×{self.restarts}"
         eot = f"EOT-{self.eot} " if randomness == "secret" else ""
         return f"adaptive, randomness {randomness} ({eot}{name})"
@@ -242,6 +244,9 @@ def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool
     set_tf32(cfg.tf32)
     params, augmix_source = resolve_augmix(cfg.method, cfg.data.dataset)
     procedure = build_procedure(cfg.method.name, params)
+    if cfg.adaptive_attack.restarts is None:   # resolved and recorded, as augmix is
+        cfg = dataclasses.replace(cfg, adaptive_attack=dataclasses.replace(
+            cfg.adaptive_attack, restarts=procedure.adaptive_restarts))
     model_spec = _model_spec(cfg.model, procedure)
     config = {"kind": "tta", **to_dict(cfg)}
     config["model"] = to_dict(model_spec)

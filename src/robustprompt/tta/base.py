@@ -109,6 +109,9 @@ class TTAProcedure:
     title: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     tunes_prompt: ClassVar[bool] = True
+    # restarts of the adaptive attack when the user sets none: the first starts from the
+    # non-adaptive example, the others from random points of the ε-ball
+    adaptive_restarts: ClassVar[int] = 1
     Params: ClassVar[type] = TTAParams
     # the prompt a run starts from when the user gives none (None: TPT's, engine.tta.TPT_PROMPT)
     default_prompt: ClassVar[Optional[PromptConfig]] = None

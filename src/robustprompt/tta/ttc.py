@@ -211,6 +211,9 @@ class TTC(TTAProcedure):
     summary = "no prompt tuning: τ-gated counterattack pushing the image embedding away from its own, steps weighted"
     tunes_prompt = False
     Params = TTCParams
+    # an attack started only from the non-adaptive example stalls on TTC (the counterattack undoes
+    # that example's direction): a second, random restart (test_adaptive_attack_is_at_least_as_strong…)
+    adaptive_restarts = 2
 
     def embed(self, clf: PromptedClassifier, x: torch.Tensor) -> torch.Tensor:
         """f(x): the image tower's embedding P×D, unnormalised (``embedding="raw"``) or unit-norm."""
