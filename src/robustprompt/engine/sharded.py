@@ -29,6 +29,18 @@ def aa_chunk(threats: Iterable) -> Optional[int]:
 
 
 BatchFn = Callable[[torch.Tensor, torch.Tensor, list[int]], list[dict]]
+PREFETCH_BATCHES = 4   # batches each worker decodes ahead: the next batch is ready when a step ends
+
+
+def loader_options(device: torch.device, workers: int) -> dict:
+    """DataLoader options that keep an accelerator fed: decoding in `workers` processes that stay
+    alive across epochs and read PREFETCH_BATCHES ahead, and pinned (page-locked) host batches on
+    CUDA so the copy to the GPU can be asynchronous (`.to(device, non_blocking=True)`). Pinning
+    on a CPU-only run would only cost a copy; prefetch and persistence need workers."""
+    opts: dict = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers > 0:
+        opts.update(persistent_workers=True, prefetch_factor=PREFETCH_BATCHES)
+    return opts
 
 
 class IndexedImages(Dataset):
@@ -100,7 +112,8 @@ def run_per_image(
         for u in mine_units:
             starts.append(starts[-1] + len(u))
         batches = [list(range(a, b)) for a, b in zip(starts, starts[1:])]
-    loader = DataLoader(IndexedImages(split, mine, transform), batch_sampler=batches, num_workers=workers)
+    loader = DataLoader(IndexedImages(split, mine, transform), batch_sampler=batches,
+                        **loader_options(torch.device(state.device), workers))
     if state.num_processes > 1:
         desc = f"{desc} [process {state.process_index + 1}/{state.num_processes}]"
     if len(remaining) < len(indices) and state.is_main_process and progress:
@@ -113,7 +126,9 @@ def run_per_image(
     for x, y, idx in loader:
         t0 = time.perf_counter()
         idx_list = [int(i) for i in idx]
-        records = process_batch(x.to(device), y.to(device), idx_list)
+        # asynchronous copies from pinned memory (CUDA); the step that follows waits on them on
+        # the GPU's stream, not on the host. Labels for the records come from the host copy.
+        records = process_batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx_list)
         sec = (time.perf_counter() - t0) / max(1, len(idx_list))
         records = [{"index": i, "id": split.ids[i], "label": int(label), **rec, "sec": round(sec, 5)}
                    for rec, i, label in zip(records, idx_list, y.tolist())]

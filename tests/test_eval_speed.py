@@ -1,0 +1,213 @@
+"""Issue 14 §1: the attack loop near the hardware's limit — compiled image forward (with a clean
+fallback), automatic batch size, fused attention on every untraced path, the loader's options."""
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from robustprompt.attacks import pgd
+from robustprompt.engine.autobatch import CPU_AUTO_BATCH, auto_batch_size, is_oom, probe_batch_size
+from robustprompt.engine.compiled import CompiledAttackModel, attack_model, compile_record
+from robustprompt.models import PromptedClassifier
+from robustprompt.models.prompts import PromptConfig
+from robustprompt.models.trace import TraceSpec
+
+CLASSES = ["cat", "dog", "car", "ship"]
+
+
+@pytest.fixture
+def tiny_clf(tiny_backbone):
+    return PromptedClassifier(tiny_backbone, CLASSES).eval()
+
+
+# ---------------------------------------------------------------- torch.compile and its fallback
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("no compiler here (forced by the test)")
+
+
+def test_forced_compile_failure_falls_back_to_eager_with_one_warning(tiny_clf, tiny_images, caplog):
+    model = CompiledAttackModel(tiny_clf, backend=_failing_backend)
+    with torch.no_grad():   # eager, the classifier itself, at the same batch sizes
+        expected, expected_2 = tiny_clf(tiny_images), tiny_clf(tiny_images[:2])
+    with caplog.at_level(logging.WARNING, logger="robustprompt"):
+        with torch.no_grad():
+            first = model(tiny_images)
+            second = model(tiny_images[:2])
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(warnings) == 1 and "running eager" in warnings[0] and "no compiler here" in warnings[0]
+    assert not model.active
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)   # eager after the fallback: same numbers
+    torch.testing.assert_close(second, expected_2, rtol=0, atol=0)
+    rec = compile_record(model)
+    assert rec["enabled"] and not rec["active"] and "no compiler here" in rec["fallback"]
+
+
+def test_fallback_keeps_genuine_input_errors(tiny_clf):
+    """A wrong image size still ends in the classifier's own error, not a silent fallback result."""
+    from robustprompt.errors import ModelError
+
+    model = CompiledAttackModel(tiny_clf, backend=_failing_backend)
+    with pytest.raises(ModelError, match="expected images"):
+        model(torch.rand(2, 3, 16, 16))
+
+
+def test_attack_model_is_the_classifier_unless_asked(tiny_clf):
+    assert attack_model(tiny_clf, False) is tiny_clf
+    assert compile_record(tiny_clf) == {"enabled": False}
+    assert isinstance(attack_model(tiny_clf, True, backend=_failing_backend), CompiledAttackModel)
+
+
+def test_compiled_pgd_matches_eager(tiny_backbone, tiny_images):
+    """Inductor-compiled image forward against eager, in float64 so that no sign of the gradient
+    sits on a rounding edge: PGD-3 adversarial images within 1e-9 (the sign steps agree on every
+    pixel), logits at them within 1e-9, same predictions. Skipped, with inductor's reason, when
+    it cannot compile here. One graph (forward + backward at batch 4) is compiled: ~1-2 min on 2
+    shared CPU cores, most of it the C++ compiler."""
+    clf = PromptedClassifier(copy.deepcopy(tiny_backbone), CLASSES).double().eval()
+    x = tiny_images.double()
+    y = torch.tensor([0, 1, 2, 3])
+    seeds = [11, 12, 13, 14]
+    model = CompiledAttackModel(clf)
+    adv_c = pgd(model, x, y, 8 / 255, 2 / 255, 3, seeds=seeds)
+    if not model.active:
+        pytest.skip(f"torch.compile (inductor) cannot run here: {model.fallback_reason}")
+    adv_e = pgd(clf, x, y, 8 / 255, 2 / 255, 3, seeds=seeds)
+    torch.testing.assert_close(adv_c, adv_e, rtol=0, atol=1e-9)
+    assert (adv_e - x).abs().max() > 1e-3   # the attack moved the images: the comparison means something
+    xa = adv_c.clone().requires_grad_(True)   # with grad, as inside the attack: the graph already compiled
+    got, want = model(xa), clf(adv_c)
+    assert model.active, model.fallback_reason
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=1e-9)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+# ---------------------------------------------------------------- --batch-size auto
+
+class FakeOOM(RuntimeError):
+    pass
+
+
+def _fake_step(capacity: int, calls: list[int]):
+    """A step that 'runs out of memory' above `capacity` images, as CUDA says it."""
+    def step(batch: int) -> None:
+        calls.append(batch)
+        if batch > capacity:
+            raise FakeOOM("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return step
+
+
+def test_probe_doubles_until_oom_then_keeps_a_margin():
+    calls: list[int] = []
+    freed = []
+    probe = probe_batch_size(_fake_step(300, calls), start=16, limit=4096, margin=0.75,
+                             on_oom=lambda: freed.append(1))
+    assert calls == [16, 32, 64, 128, 256, 512]
+    assert (probe.largest_ok, probe.first_oom) == (256, 512)
+    assert probe.batch == 192          # 0.75 · 256, a multiple of 8
+    assert freed == [1]
+
+
+def test_probe_rounds_down_to_a_multiple_of_8():
+    probe = probe_batch_size(_fake_step(100, []), start=10, limit=4096, margin=0.75)
+    assert (probe.largest_ok, probe.first_oom) == (80, 160)
+    assert probe.batch == 56           # 0.75 · 80 = 60 → 56
+
+
+def test_probe_without_oom_keeps_the_limit():
+    calls: list[int] = []
+    probe = probe_batch_size(_fake_step(10**6, calls), start=16, limit=100)
+    assert calls == [16, 32, 64]
+    assert probe.batch == 64 and probe.first_oom is None
+
+
+def test_probe_halves_when_the_start_does_not_fit():
+    calls: list[int] = []
+    probe = probe_batch_size(_fake_step(5, calls), start=16, limit=4096, margin=0.75)
+    assert calls == [16, 8, 4]
+    assert (probe.largest_ok, probe.first_oom, probe.batch) == (4, 16, 3)
+    with pytest.raises(RuntimeError, match="not even a batch of 1"):
+        probe_batch_size(_fake_step(0, []), start=4)
+
+
+def test_probe_reraises_other_errors():
+    def step(batch: int) -> None:
+        raise ValueError("a bug, not memory")
+    with pytest.raises(ValueError, match="a bug"):
+        probe_batch_size(step)
+
+
+def test_is_oom():
+    assert is_oom(FakeOOM("CUDA out of memory."))
+    assert not is_oom(RuntimeError("shape mismatch"))
+    assert not is_oom(ValueError("out of memory"))   # only runtime errors carry CUDA's message
+
+
+def test_auto_batch_on_cpu_is_the_documented_default(tiny_clf):
+    probe = auto_batch_size(tiny_clf, tiny_clf.image_size, len(CLASSES), torch.device("cpu"))
+    assert probe.batch == CPU_AUTO_BATCH == 64 and "CPU default" in probe.rule
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the probe only runs on a GPU)")
+def test_auto_batch_on_cuda_runs(tiny_backbone):
+    clf = PromptedClassifier(tiny_backbone, CLASSES).cuda().eval()
+    probe = auto_batch_size(clf, clf.image_size, len(CLASSES), torch.device("cuda"), limit=256)
+    assert 1 <= probe.batch <= 256
+
+
+# ---------------------------------------------------------------- fused attention
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_ops(count: collections.Counter) -> dict[str, int]:
+    return {k: v for k, v in count.items() if "softmax" in k or "attention" in k}
+
+
+@pytest.mark.parametrize("coupling", ["none", "coupled"])
+def test_untraced_attack_step_uses_fused_attention(tiny_backbone, tiny_images, coupling):
+    """An attack step's forward + backward w.r.t. the image runs one fused SDPA kernel per
+    vision block (forward and backward) and never materialises a softmax of attention scores;
+    the text tower (class features) likewise. rp-tiny has 3 blocks per tower."""
+    clf = PromptedClassifier(tiny_backbone, CLASSES, PromptConfig(coupling=coupling, depth=3)).eval()
+    x = tiny_images.clone().requires_grad_(True)
+    with clf.static_text():
+        with _Ops() as ops:
+            torch.autograd.grad(clf(x).sum(), x)
+    ops_seen = _attention_ops(ops.count)
+    fused = {k: v for k, v in ops_seen.items() if "scaled_dot_product" in k}
+    assert sum(v for k, v in fused.items() if not k.endswith("_backward")) == 3, ops_seen
+    assert sum(v for k, v in fused.items() if k.endswith("_backward")) == 3, ops_seen
+    assert not any("softmax" in k for k in ops_seen), ops_seen
+    with _Ops() as ops, torch.no_grad():
+        clf.encode_text()
+    ops_seen = _attention_ops(ops.count)
+    assert not any("softmax" in k for k in ops_seen) and ops_seen, ops_seen
+    # the recorder does see an explicit softmax where there is one: a trace that keeps the maps
+    with _Ops() as ops, torch.no_grad():
+        clf.features(tiny_images, vision_trace=TraceSpec(blocks="all", attn=True))
+    assert ops.count["aten._softmax"] == 3, _attention_ops(ops.count)
+
+
+# ---------------------------------------------------------------- data loading
+
+def test_loader_options_pin_and_prefetch_only_where_they_help():
+    from robustprompt.engine.sharded import loader_options
+
+    assert loader_options(torch.device("cpu"), 0) == {"num_workers": 0, "pin_memory": False}
+    cpu4 = loader_options(torch.device("cpu"), 4)
+    assert cpu4 == {"num_workers": 4, "pin_memory": False, "persistent_workers": True, "prefetch_factor": 4}
+    cuda = loader_options(torch.device("cuda", 0), 2)
+    assert cuda["pin_memory"] is True and cuda["persistent_workers"] is True
