@@ -287,6 +287,7 @@ def _parse_set(item: str) -> tuple[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_yaml, set_dotted
     from .engine.experiment import find_config, load_experiment, run_experiment
+    from .engine.grid import parse_shard
 
     args.config = str(find_config(args.config))   # a file, or a config shipped with the package
     overrides: dict = {}
@@ -306,14 +307,79 @@ def cmd_run(args: argparse.Namespace) -> int:
                 grid[key] = [_parse_set(next(i for i in args.set if i.split("=", 1)[0].strip() == key))[1]]
         if grid:
             overrides["grid"] = grid
+    grid_mode = _check_grid_flags(args)   # before the config loads: a bad --shard is one line
     cfg = load_experiment(args.config, overrides)
     if args.print_config:
         print_config(cfg)
         return 0
+    if grid_mode != "run":
+        return _run_grid(args, cfg, grid_mode)
+    shard = parse_shard(args.shard) if args.shard is not None else None
     summary = run_experiment(cfg, args.out, progress=not args.no_progress, where=args.config,
-                             wait_for_lock=args.wait)
+                             wait_for_lock=args.wait, shard=shard)
     if summary is not None:
         print(summary["markdown"])
+    return 0
+
+
+def _check_grid_flags(args: argparse.Namespace) -> str:
+    """'run', 'collect' or 'launch' from run's grid flags; contradictory ones are a ConfigError."""
+    from .engine.grid import parse_shard
+    from .errors import ConfigError
+
+    if args.shard is not None:
+        parse_shard(args.shard)
+    chosen = [f for f, on in (("--shard", args.shard is not None), ("--collect", args.collect),
+                              ("--launcher", args.launcher is not None)) if on]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(chosen)} do not go together: --shard runs one share here, --launcher "
+                          "submits every share, --collect only reads what has finished")
+    if args.shards is not None and args.launcher is None:
+        raise ConfigError("--shards N goes with --launcher (N jobs); to run one share here use --shard i/N")
+    return "collect" if args.collect else "launch" if args.launcher else "run"
+
+
+def _rerun_command(args: argparse.Namespace, root: Any) -> str:
+    """The command line that runs this experiment again (config, --set pins, --out), shell-quoted."""
+    import shlex
+
+    words = ["robustprompt", "run", args.config]
+    for item in args.set or []:
+        words += ["--set", item]
+    return shlex.join(words + ["--out", str(root)])
+
+
+def _run_grid(args: argparse.Namespace, cfg: Any, mode: str) -> int:
+    """`run --collect` (exit 3 while units are missing) and `run --launcher slurm|local`."""
+    from .engine.experiment import collect_experiment, experiment_root
+    from .engine.grid import INCOMPLETE_EXIT
+    from .engine.launcher import submit_grid
+
+    root = experiment_root(cfg, args.out)
+    if mode == "launch":
+        jobs = submit_grid(cfg, args.launcher, args.out, shards=args.shards, where=args.config,
+                           wait_for_lock=args.wait)
+        ids = ", ".join(str(j.job_id) for j in jobs[:3]) + (" …" if len(jobs) > 3 else "")
+        print(f"submitted {len(jobs)} job(s) ({ids}) to {args.launcher}; logs in {root / 'launcher'}; "
+              f"when they have finished: {_rerun_command(args, root)} --collect", file=sys.stderr, flush=True)
+        if args.launcher != "local":
+            return 0
+        failed = 0
+        for job in jobs:   # local jobs are this machine's processes: wait, then collect
+            try:
+                job.result()
+            except Exception as exc:   # a job's error: its own log holds the traceback
+                failed += 1
+                print(f"job {job.job_id} failed ({one_line(str(exc))[:300]}); log: {job.paths.stderr}",
+                      file=sys.stderr)
+    summary = collect_experiment(cfg, args.out, where=args.config, command=_rerun_command(args, root),
+                                 wait_for_lock=args.wait)
+    print(summary["markdown"])
+    missing = summary.get("missing") or []
+    if missing:
+        print(f"robustprompt run: incomplete: {len(missing)} unit(s) have not finished (listed above, each with the "
+              f"command that runs it); exit status {INCOMPLETE_EXIT}", file=sys.stderr)
+        return INCOMPLETE_EXIT
     return 0
 
 
@@ -620,6 +686,29 @@ def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="if another process is running in --out, wait for it instead of refusing")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group(
+        "a grid over many processes or machines",
+        "The units are the (grid point, seed) pairs in the grid's order; each keeps its own run folders, "
+        "so shards never write the same file and any of them can be rerun (finished runs are reused). "
+        "Each shard may itself use several GPUs: torchrun --nproc-per-node G -m robustprompt run CONFIG "
+        "--shard i/N.")
+    g.add_argument("--shard", metavar="I/N",
+                   help="run only share I of N (1 ≤ I ≤ N; unit j goes to share j mod N + 1, round-robin, so the "
+                        "expensive settings spread out); shards share --out and hold its lock only briefly; no "
+                        "summary is written (use --collect). Slurm array: --shard "
+                        "$((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT; Kubernetes indexed job: "
+                        "--shard $((JOB_COMPLETION_INDEX + 1))/N")
+    g.add_argument("--collect", action="store_true",
+                   help="run nothing: write summary.json/summary.md from the runs that have finished and list the "
+                        "missing units with the command for each; exit status 0 when complete, 3 when not")
+    g.add_argument("--launcher", choices=["slurm", "local"],
+                   help="submit the grid through submitit (pip install 'robustprompt[slurm]'): one job per unit, "
+                        "or --shards N jobs, as one job array; resources from the config's launcher: section "
+                        "(--set launcher.gpus_per_node=1, cpus_per_task, timeout_min, partition, mem_gb, "
+                        "array_parallelism, ...); logs in OUT/launcher/. A preempted job is requeued and resumes. "
+                        "local runs the jobs as processes here, waits, then collects")
+    g.add_argument("--shards", type=int, metavar="N", help="with --launcher: N jobs of --shard i/N each "
+                                                          "(default: one job per unit)")
     p.set_defaults(func=cmd_run)
 
     p = command("tta", help="a test-time defence (TPT, C-TPT, MTA, R-TPT, A-TPT, TTC, TAPT) under attack")

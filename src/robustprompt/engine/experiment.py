@@ -12,6 +12,7 @@ import itertools
 import json
 import re
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,10 +24,12 @@ from ..errors import ConfigError
 from ..paths import atomic_write_text
 from ..report.console import format_table
 from .evaluate import EvalConfig, check_seed, evaluate
+from .grid import (LauncherConfig, claim_root_briefly, collect_units, grid_units, missing_section, read_metrics,
+                   shard_note, shard_units)
 from .rundir import check_out_dir, experiment_dir
 from .runtime import process_state
 from .train import TrainConfig, train, train_config_from_dict
-from .tta_experiment import check_tta_experiment, expand_tta, run_tta_points, summarize_tta
+from .tta_experiment import check_tta_experiment, expand_tta, run_tta_points, summarize_tta, tta_row
 
 
 def _paper_eval_attack() -> AttackSpec:
@@ -66,6 +69,7 @@ class ExperimentConfig:
     grid: dict = field(default_factory=dict)           # dotted key under train/eval → list of values
     out: Optional[str] = None
     device: str = "auto"
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)   # `run --launcher slurm`'s job resources
 
     def __post_init__(self) -> None:
         for i, seed in enumerate(self.seeds):
@@ -143,48 +147,132 @@ def _eval_config(point: Point, seed: int, target: EvalTarget, train_dir: Path, c
                       attack=point.attack, also=list(cfg.eval.also), seed=seed, device=cfg.device)
 
 
+def experiment_root(cfg: ExperimentConfig, out: Optional[str | Path] = None) -> Path:
+    """The experiment's folder: `out`, else the config's `out`, else runs/experiments/<name>."""
+    return Path(out or cfg.out or Path("runs") / "experiments" / _slug(cfg.name))
+
+
+def _points(cfg: ExperimentConfig, where: str, build: bool) -> tuple[bool, list]:
+    """(test-time?, every grid point) — validated before anything runs."""
+    test_time = bool(check_tta_experiment(cfg.tta, cfg.train, where))
+    points = expand_tta(cfg.tta, cfg.grid, cfg.seeds, cfg.device, where, build=build) if test_time \
+        else expand(cfg, where)
+    return test_time, points
+
+
+def _train_row(point: Point, seed: int, label: str, m: dict, run_dir: Path) -> dict:
+    return {"point": point.key, **{setting_name(k): v for k, v in point.settings.items()},
+            "method": m["method"], "target": label, "seed": seed,
+            "clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"],
+            "attack_accs": {a["key"]: a["acc"] for a in m.get("attacks", [])},
+            "threat": m["threat"], "run": str(run_dir)}
+
+
+def _run_unit(cfg: ExperimentConfig, point, seed: int, root: Path, test_time: bool, progress: bool) -> list[dict]:
+    """Train and evaluate (or run the test-time defence for) one (point, seed); its summary rows
+    (main process). Finished runs are reused, so a unit interrupted anywhere resumes."""
+    if test_time:
+        return run_tta_points([point], [seed], root, progress)
+    rows = []
+    seed_dir = root / point.key / f"seed-{seed}"
+    train(point.train[seed], seed_dir / "train", progress=progress)
+    for label, target in point.evals:
+        run_dir = seed_dir / f"eval-{_slug(label)}"
+        m = evaluate(_eval_config(point, seed, target, seed_dir / "train", cfg), run_dir, progress=progress)
+        if m is not None:
+            rows.append(_train_row(point, seed, label, m, run_dir))
+    return rows
+
+
+def _read_unit(point, seed: int, root: Path, test_time: bool) -> tuple[list[dict], bool]:
+    """The rows of one unit's finished runs (read from their metrics.json) and whether all finished."""
+    seed_dir = root / point.key / f"seed-{seed}"
+    if test_time:
+        m = read_metrics(seed_dir / "tta")
+        return ([tta_row(point, seed, m, seed_dir / "tta")] if m is not None else []), m is not None
+    rows = []
+    for label, _ in point.evals:
+        run_dir = seed_dir / f"eval-{_slug(label)}"
+        m = read_metrics(run_dir)
+        if m is not None:
+            rows.append(_train_row(point, seed, label, m, run_dir))
+    return rows, len(rows) == len(point.evals)
+
+
+def _summary(rows: list[dict], cfg: ExperimentConfig, test_time: bool) -> dict[str, Any]:
+    return summarize_tta(rows, cfg.name, cfg.seeds) if test_time else summarize(rows, cfg)
+
+
+def _write_summary(root: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(root / "summary.md", summary["markdown"])
+
+
 def run_experiment(cfg: ExperimentConfig, out: Optional[str | Path] = None, *, progress: bool = True,
-                   where: str = "config", wait_for_lock: bool = False) -> Optional[dict[str, Any]]:
+                   where: str = "config", wait_for_lock: bool = False,
+                   shard: Optional[tuple[int, int]] = None) -> Optional[dict[str, Any]]:
     """Every (grid point, seed): train, then evaluate each target; returns the summary (main
     process). The root folder follows the run-directory rules (marker; a non-empty folder without
-    one is refused) and is locked for the whole experiment; each run inside it is a run directory."""
-    test_time = check_tta_experiment(cfg.tta, cfg.train, where)
-    points = expand_tta(cfg.tta, cfg.grid, cfg.seeds, cfg.device, where, build=True) if test_time \
-        else expand(cfg, where)
-    root = Path(out or cfg.out or Path("runs") / "experiments" / _slug(cfg.name))
+    one is refused) and is locked for the whole experiment; each run inside it is a run directory.
+
+    shard=(i, N): only the units of shard i of N (round-robin over the grid's order, see
+    engine.grid); the root is locked only while it is marked and experiment.yaml written, so shards
+    run side by side on one root (each unit's run folders are locked by its own runs); no summary
+    is written and None is returned — `collect_experiment` assembles it. Each shard may itself run
+    on several GPUs (torchrun / accelerate launch): the engine splits every run's images across
+    the processes."""
+    test_time, points = _points(cfg, where, build=True)
+    root = experiment_root(cfg, out)
     check_out_dir(root)   # before any work
     state, _ = process_state(cfg.device)
+    by_key = {p.key: p for p in points}
+    units = grid_units(by_key, cfg.seeds)
+    if shard is not None:
+        mine = shard_units(units, *shard)
+        if mine:
+            claim_root_briefly(root, to_dict(cfg), state, wait_for_lock=wait_for_lock)
+        for unit in mine:
+            _run_unit(cfg, by_key[unit.point], unit.seed, root, test_time, progress)
+        if state.is_main_process:
+            print(shard_note(shard, mine, len(units)), file=sys.stderr, flush=True)
+        return None
     with experiment_dir(root, state, wait_for_lock=wait_for_lock):
         if state.is_main_process:
             atomic_write_text(root / "experiment.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        if test_time:
-            rows = run_tta_points(points, cfg.seeds, root, progress)
-            if not state.is_main_process:
-                return None
-            summary = summarize_tta(rows, cfg.name, cfg.seeds)
-            atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
-            atomic_write_text(root / "summary.md", summary["markdown"])
-            return summary
         rows = []
-        for point in points:
-            for seed in cfg.seeds:
-                seed_dir = root / point.key / f"seed-{seed}"
-                train(point.train[seed], seed_dir / "train", progress=progress)
-                for label, target in point.evals:
-                    m = evaluate(_eval_config(point, seed, target, seed_dir / "train", cfg),
-                                 seed_dir / f"eval-{_slug(label)}", progress=progress)
-                    if m is not None:
-                        rows.append({"point": point.key, **{setting_name(k): v for k, v in point.settings.items()},
-                                     "method": m["method"], "target": label, "seed": seed,
-                                     "clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"],
-                                     "attack_accs": {a["key"]: a["acc"] for a in m.get("attacks", [])},
-                                     "threat": m["threat"], "run": str(seed_dir / f"eval-{_slug(label)}")})
+        for unit in units:
+            rows += _run_unit(cfg, by_key[unit.point], unit.seed, root, test_time, progress)
         if not state.is_main_process:   # the other processes' evaluations return nothing to summarise
             return None
-        summary = summarize(rows, cfg)
-        atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
-        atomic_write_text(root / "summary.md", summary["markdown"])
+        summary = _summary(rows, cfg, test_time)
+        _write_summary(root, summary)
         return summary
+
+
+def collect_experiment(cfg: ExperimentConfig, out: Optional[str | Path] = None, *, where: str = "config",
+                       command: Optional[str] = None, wait_for_lock: bool = False) -> dict[str, Any]:
+    """Assemble summary.json / summary.md from whatever units have finished (each run's
+    metrics.json), training or test-time, without running anything. A complete grid gives exactly
+    the summary an unsharded `run_experiment` writes; otherwise the summary covers the finished
+    runs and carries ``missing``: [{point, seed, unit, command}] (also listed under an
+    "Incomplete" heading in summary.md). `command`: how to rerun this experiment (default
+    ``robustprompt run <where> --out <root>``); each missing unit's command appends --shard u/U."""
+    test_time, points = _points(cfg, where, build=False)
+    root = experiment_root(cfg, out)
+    if not (root / "experiment.yaml").is_file():
+        raise ConfigError(f"{str(root)[:200]} holds no experiment yet (no experiment.yaml); run it first "
+                          "(`robustprompt run CONFIG`, or with --shard i/N)")
+    by_key = {p.key: p for p in points}
+    units = grid_units(by_key, cfg.seeds)
+    claim_root_briefly(root, to_dict(cfg), wait_for_lock=wait_for_lock)   # the same experiment, else refused
+    rows, missing = collect_units(units, lambda u: _read_unit(by_key[u.point], u.seed, root, test_time),
+                                  command or f"robustprompt run {where} --out {root}")
+    summary = _summary(rows, cfg, test_time)
+    if missing:
+        summary["missing"] = missing
+        summary["markdown"] += "\n" + missing_section(missing, len(units))
+    _write_summary(root, summary)
+    return summary
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -83,6 +83,17 @@ def expand_tta(tta: dict, grid: dict, seeds: list[int], device: str, where: str 
     return points
 
 
+def tta_row(point: TTAPoint, seed: int, m: dict, run_dir: Path) -> dict:
+    """The summary row of one finished run (its metrics `m`)."""
+    return {"point": point.key, **{setting_name(k): v for k, v in point.settings.items()},
+            "method": m["tta_method"], "target": m["dataset"], "seed": seed,
+            "clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"],
+            "base_clean_acc": m["base_clean_acc"], "base_robust_acc": m["base_robust_acc"],
+            "attack_accs": {a["key"]: a["acc"] for a in m["attacks"]},
+            "attack_titles": {a["key"]: a["title"] for a in m["attacks"]},
+            "threat": m["threat"], "wall_time_s": m["wall_time_s"], "run": str(run_dir)}
+
+
 def run_tta_points(points: list[TTAPoint], seeds: list[int], root: Path, progress: bool) -> list[dict]:
     """Run (or resume) every point and seed; one summary row per finished run (main process)."""
     rows = []
@@ -91,13 +102,7 @@ def run_tta_points(points: list[TTAPoint], seeds: list[int], root: Path, progres
             run_dir = root / point.key / f"seed-{seed}" / "tta"
             m = run_tta(point.configs[seed], run_dir, progress=progress)
             if m is not None:
-                rows.append({"point": point.key, **{setting_name(k): v for k, v in point.settings.items()},
-                             "method": m["tta_method"], "target": m["dataset"], "seed": seed,
-                             "clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"],
-                             "base_clean_acc": m["base_clean_acc"], "base_robust_acc": m["base_robust_acc"],
-                             "attack_accs": {a["key"]: a["acc"] for a in m["attacks"]},
-                             "attack_titles": {a["key"]: a["title"] for a in m["attacks"]},
-                             "threat": m["threat"], "wall_time_s": m["wall_time_s"], "run": str(run_dir)})
+                rows.append(tta_row(point, seed, m, run_dir))
     return rows
 
 

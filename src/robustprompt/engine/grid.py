@@ -1,0 +1,211 @@
+"""A protocol grid spread over many processes or machines: shards, the shared root, and collection.
+
+The work units of an experiment are its (grid point, seed) pairs, in the grid's deterministic order
+(`itertools.product` over the grid keys as the config lists them, seeds innermost). Each unit owns
+its run directories (``<root>/<point>/seed-<seed>/train`` and ``eval-*``, or ``…/tta``), and each of
+those is locked by the run that writes it, so units never share a file.
+
+* ``run CONFIG --shard i/N`` runs unit j (0-based) when ``j mod N == i - 1``: round-robin, because
+  the grid's order puts the expensive settings together (every ImageNet unit, every 16-shot unit of
+  a method): contiguous blocks would give one shard all of them, round-robin spreads them over the
+  shards. Every unit is in exactly one shard for any N; a shard with i > #units has nothing to do.
+  ``--shard j/#units`` is unit j alone, which is how a missing unit is named.
+* A sharded run holds the experiment root's lock only for the moment it takes to mark the folder and
+  write experiment.yaml (absent: written atomically; present: it must describe the same experiment),
+  so any number of shards run side by side; it writes no summary.
+* ``run CONFIG --collect`` assembles summary.json/summary.md from each finished run's metrics.json
+  (the same rows in the same order as an unsharded run, so a complete grid gives the same summary)
+  and lists the missing units with the command that runs each.
+
+Several GPUs per unit combine with this freely: a shard is an ordinary `robustprompt run`, so
+``torchrun --nproc-per-node 4 -m robustprompt run CONFIG --shard i/N`` (or ``accelerate launch``)
+runs each of its units on 4 GPUs, the engine splitting images (and training batches) across the
+processes as it does for any run; grid points go across nodes, each point on one or several GPUs.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import yaml
+
+from ..errors import ConfigError
+from ..paths import atomic_write_text
+from .rundir import LOCK, _claim, _first_difference, _write_marker, on_main_then_share
+
+# exit status of `run --collect` when some units have not finished (0: complete; 2: a user mistake)
+INCOMPLETE_EXIT = 3
+# experiment keys that may differ between shards of one grid (where and how a shard runs, not what)
+_PER_SHARD_KEYS = ("device", "out", "launcher")
+# how long a shard waits for another shard's momentary hold on the root before it gives up
+ROOT_PATIENCE_S = 60.0
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One (grid point, seed) pair; `index` is its 0-based place in the grid's order."""
+
+    index: int
+    point: str
+    seed: int
+
+
+@dataclass
+class LauncherConfig:
+    """The ``launcher:`` section of an experiment: what each submitted job asks the scheduler for
+    (submitit's AutoExecutor parameters; `partition`, `account`, `qos`, `constraint`,
+    `array_parallelism` and `additional` are Slurm's). Set on the command line with
+    ``--set launcher.KEY=VALUE``. Several GPUs per unit: tasks_per_node = gpus_per_node, and each
+    job sets up torch.distributed across its tasks (submitit's TorchDistributedEnvironment)."""
+
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    timeout_min: int = 240
+    mem_gb: Optional[float] = None
+    nodes: int = 1
+    tasks_per_node: int = 1
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    array_parallelism: int = 256          # jobs of one array running at once
+    setup: list[str] = field(default_factory=list)      # shell lines run before each job (module load …)
+    additional: dict = field(default_factory=dict)      # any other sbatch option, e.g. {gres: "gpu:a100:1"}
+    name: Optional[str] = None            # job name; default robustprompt-<experiment name>
+
+    def __post_init__(self) -> None:
+        for key in ("gpus_per_node", "cpus_per_task", "timeout_min", "nodes", "tasks_per_node", "array_parallelism"):
+            value = getattr(self, key)
+            low = 0 if key == "gpus_per_node" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"launcher.{key} must be an integer ≥ {low}, got {value!r}")
+        if self.mem_gb is not None and (isinstance(self.mem_gb, bool) or not isinstance(self.mem_gb, (int, float))
+                                        or self.mem_gb <= 0):
+            raise ConfigError(f"launcher.mem_gb must be a positive number, got {self.mem_gb!r}")
+
+
+def grid_units(point_keys: Iterable[str], seeds: Iterable[int]) -> list[Unit]:
+    """Every (point, seed) in the order an unsharded run takes them: points outer, seeds inner."""
+    seeds = list(seeds)
+    return [Unit(i, key, seed) for i, (key, seed) in
+            enumerate((k, s) for k in point_keys for s in seeds)]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/N' (1-based, 1 ≤ i ≤ N) → (i, N); anything else is a one-line ConfigError."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m:
+        raise ConfigError(f"--shard takes I/N with whole numbers, e.g. 3/8 (shard 3 of 8), got {str(text)[:50]!r}; "
+                          "from a Slurm array: --shard $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 1 <= i <= n:
+        raise ConfigError(f"--shard {i}/{n}: shards are numbered 1 to N (N ≥ 1); a 0-based index such as "
+                          f"SLURM_ARRAY_TASK_ID needs + 1")
+    return i, n
+
+
+def shard_units(units: list[Unit], shard: int, count: int) -> list[Unit]:
+    """Shard `shard` of `count` (1-based): the units whose index ≡ shard − 1 (mod count)."""
+    return [u for u in units if u.index % count == shard - 1]
+
+
+def _comparable(experiment: dict) -> dict:
+    return {k: v for k, v in experiment.items() if k not in _PER_SHARD_KEYS}
+
+
+def _write_or_check_experiment(root: Path, experiment: dict) -> None:
+    """experiment.yaml: written if absent; if present it must describe the same experiment."""
+    file = root / "experiment.yaml"
+    if file.exists():
+        try:
+            old = yaml.safe_load(file.read_text())
+        except (OSError, yaml.YAMLError):
+            old = None
+        if isinstance(old, dict) and _comparable(old) == _comparable(experiment):
+            return
+        if isinstance(old, dict):
+            diff = _first_difference(_comparable(old), _comparable(experiment))
+            raise ConfigError(f"{str(root)[:200]} holds another experiment ({diff}); the shards of one grid "
+                              "share one config — choose another --out")
+    atomic_write_text(file, yaml.safe_dump(experiment, sort_keys=False))
+
+
+def claim_root_briefly(root: Path, experiment: dict, state=None, *, wait_for_lock: bool = False,
+                       patience_s: float = ROOT_PATIENCE_S) -> None:
+    """Mark `root` as an experiment folder and write (or check) its experiment.yaml under the root's
+    lock, then let go of it. Another shard's or collection's hold lasts milliseconds: retried for up
+    to `patience_s`; a root held longer (an unsharded `run` holds it throughout) is refused with the
+    holder named, unless `wait_for_lock`."""
+    def claim() -> None:
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                lock, status, _ = _claim(root, "experiment", wait_for_lock)
+                break
+            except ConfigError:
+                # a held lock leaves its file; every other refusal (foreign folder, run dir) does not
+                if not (root / LOCK).exists() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05 + (os.getpid() % 7) * 0.01)
+        try:
+            if status != "marked":
+                _write_marker(root, "experiment", None)
+            _write_or_check_experiment(root, experiment)
+        finally:
+            lock.release()
+
+    on_main_then_share(state, claim)
+
+
+def read_metrics(run_dir: Path) -> Optional[dict]:
+    """A finished run's metrics.json; None while it is missing or unreadable (not finished)."""
+    import json
+
+    try:
+        data = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def missing_section(missing: list[dict], total: int) -> str:
+    """The markdown appended to an incomplete summary: which units, and the command for each."""
+    lines = [f"## Incomplete: {len(missing)} of {total} units have not finished", "",
+             "Each line runs one missing unit (finished runs inside it are reused); rerunning the shards "
+             "does the same.", ""]
+    lines += [f"- {m['point']} seed {m['seed']}: `{m['command']}`" for m in missing]
+    return "\n".join(lines) + "\n"
+
+
+def collect_units(units: list[Unit], read_unit: Callable[[Unit], tuple[list[dict], bool]],
+                  command: str) -> tuple[list[dict], list[dict]]:
+    """Rows of every finished run, in grid order, and the missing units with the command for each.
+    read_unit(unit) → (its finished rows, whether the whole unit finished)."""
+    rows: list[dict] = []
+    missing: list[dict] = []
+    for unit in units:
+        found, complete = read_unit(unit)
+        rows.extend(found)
+        if not complete:
+            missing.append({"point": unit.point, "seed": unit.seed, "unit": unit.index + 1,
+                            "command": f"{command} --shard {unit.index + 1}/{len(units)}"})
+    return rows, missing
+
+
+def shard_note(shard: tuple[int, int], ran: list[Unit], total: int) -> str:
+    """One line saying what a shard did."""
+    i, n = shard
+    if not ran:
+        return f"shard {i}/{n}: no units (the grid has {total}); nothing to do"
+    return (f"shard {i}/{n}: {len(ran)} of {total} units finished; `robustprompt run CONFIG --collect` "
+            "assembles the summary once every shard has")
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """'complete' or 'incomplete: k missing' for a collected summary."""
+    missing = summary.get("missing") or []
+    return "complete" if not missing else f"incomplete: {len(missing)} missing"
