@@ -45,7 +45,10 @@ TTA = {
 
 def _same_up_to_root(a: dict, root_a: Path, b: dict, root_b: Path) -> None:
     """Two summaries are equal once each run path is read relative to its own root."""
-    assert json.loads(json.dumps(a).replace(str(root_a), "ROOT")) == json.loads(json.dumps(b).replace(str(root_b), "ROOT"))
+    def relative(summary: dict, root: Path) -> dict:
+        return json.loads(json.dumps(summary).replace(str(root), "ROOT"))
+
+    assert relative(a, root_a) == relative(b, root_b)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +116,16 @@ def test_the_root_takes_one_experiment_but_any_device(tmp_path):
     with pytest.raises(ConfigError, match="another experiment"):
         claim_root_briefly(root, {"name": "a", "seeds": [2], "device": "cuda:0"})
     assert not (root / ".robustprompt.lock").exists()                              # the lock was let go
+
+
+def test_a_root_held_by_an_unsharded_run_is_refused_after_the_patience(tmp_path):
+    from robustprompt.engine.rundir import experiment_dir
+
+    root = tmp_path / "exp"
+    with experiment_dir(root):   # what an unsharded `run` holds for its whole length
+        with pytest.raises(ConfigError, match="in use by another robustprompt process"):
+            claim_root_briefly(root, {"name": "a"}, patience_s=0.3)
+    claim_root_briefly(root, {"name": "a"}, patience_s=0.3)   # once it has finished: at once
 
 
 def test_collect_before_anything_ran_is_refused(tmp_path):

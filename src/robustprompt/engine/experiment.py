@@ -4,6 +4,8 @@ a ``tta:`` section instead of ``train:`` runs a test-time defence protocol (engi
 
 Every (grid point, seed) gets a training run directory and one evaluation run directory per
 target, so a killed experiment resumes where it stopped and finished runs are never redone.
+A grid spread over many processes or machines (``--shard i/N``, ``--collect``, ``--launcher
+slurm``) works on the same (grid point, seed) units and folders: see engine.grid and engine.launcher.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import yaml
 
@@ -204,8 +204,3 @@ def shard_note(shard: tuple[int, int], ran: list[Unit], total: int) -> str:
     return (f"shard {i}/{n}: {len(ran)} of {total} units finished; `robustprompt run CONFIG --collect` "
             "assembles the summary once every shard has")
 
-
-def describe(summary: dict[str, Any]) -> str:
-    """'complete' or 'incomplete: k missing' for a collected summary."""
-    missing = summary.get("missing") or []
-    return "complete" if not missing else f"incomplete: {len(missing)} missing"

@@ -60,7 +60,8 @@ class ShardJob:
         if self.distributed:   # several tasks per job: one torch.distributed process each
             import submitit
 
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=True)
+            # every task keeps every GPU of the job: accelerate gives task r the GPU cuda:LOCAL_RANK
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = from_dict(ExperimentConfig, self.config, self.where)
         run_experiment(cfg, self.root, progress=False, where=self.where, shard=(self.shard, self.count))
         return f"shard {self.shard}/{self.count} done"
