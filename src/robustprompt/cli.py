@@ -367,7 +367,7 @@ def _run_grid(args: argparse.Namespace, cfg: Any, mode: str) -> int:
         failed = 0
         for job in jobs:   # local jobs are this machine's processes: wait, then collect
             try:
-                job.result()
+                job.results()   # one per task (several with tasks_per_node > 1)
             except Exception as exc:   # a job's error: its own log holds the traceback
                 failed += 1
                 print(f"job {job.job_id} failed ({one_line(str(exc))[:300]}); log: {job.paths.stderr}",
