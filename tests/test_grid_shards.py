@@ -202,6 +202,19 @@ def test_local_launcher_runs_one_job_per_unit_then_collects(tmp_path, unsharded,
     _same_up_to_root(json.loads((root / "summary.json").read_text()), root, summary, unsharded_root)
 
 
+@pytest.mark.slow
+def test_a_job_with_two_tasks_runs_its_unit_on_two_processes(tmp_path):
+    """tasks_per_node = 2: both tasks join one torch.distributed group (gloo on a CPU), as G GPUs would."""
+    pytest.importorskip("submitit")
+    from robustprompt.engine.launcher import submit_grid
+
+    raw = {**TRAIN, "grid": {"train.method.name": ["advvp"]},
+           "launcher": {"gpus_per_node": 0, "tasks_per_node": 2, "timeout_min": 10}}
+    [job] = submit_grid(from_dict(ExperimentConfig, raw), "local", tmp_path / "exp")
+    assert job.results() == ["shard 1/1 done on 2 process(es)"] * 2
+    assert (tmp_path / "exp" / "method=advvp" / "seed-1" / "eval-fashion_mnist" / "metrics.json").is_file()
+
+
 def test_slurm_jobs_ask_for_the_launcher_section(tmp_path, monkeypatch):
     submitit = pytest.importorskip("submitit")
     from robustprompt.engine.launcher import ShardJob, _executor

@@ -62,9 +62,12 @@ class ShardJob:
 
             # every task keeps every GPU of the job: accelerate gives task r the GPU cuda:LOCAL_RANK
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        from .runtime import process_state
+
         cfg = from_dict(ExperimentConfig, self.config, self.where)
         run_experiment(cfg, self.root, progress=False, where=self.where, shard=(self.shard, self.count))
-        return f"shard {self.shard}/{self.count} done"
+        processes = process_state(cfg.device)[0].num_processes
+        return f"shard {self.shard}/{self.count} done on {processes} process(es)"
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
