@@ -45,7 +45,8 @@ def test_help_states_the_effective_defaults():
     text = _help("eval")
     # the numbers the README promises, typed here independently of the dataclasses
     for part in ("--steps STEPS (default: 100)", "--eps EPS (default: 1)", "--split SPLIT split to evaluate (default: test)",
-                 "--batch-size BATCH_SIZE (default: 64)", "--attack {none,fgsm,pgd,autoattack} (default: pgd)",
+                 "--batch-size N|auto images per batch", "metrics.environment.batch_size (default: 64)",
+                 "--attack {none,fgsm,pgd,autoattack} (default: pgd)",
                  "(default: eps/4)", "PGD-100 at ε = 1/255", "runs/latest-<command>"):
         assert part in text, part
     assert "(default eps/4)" not in text   # a hand-typed default is replaced, never shown twice

@@ -211,3 +211,70 @@ def test_loader_options_pin_and_prefetch_only_where_they_help():
     assert cpu4 == {"num_workers": 4, "pin_memory": False, "persistent_workers": True, "prefetch_factor": 4}
     cuda = loader_options(torch.device("cuda", 0), 2)
     assert cuda["pin_memory"] is True and cuda["persistent_workers"] is True
+
+
+# ---------------------------------------------------------------- the CLI: --compile, --batch-size auto
+
+def _imagefolder(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for c, color in [("red", (200, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 200))]:
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 36), tuple(min(255, v + 10 * i) for v in color)).save(root / c / f"{i}.png")
+    return root
+
+
+def _records(run):
+    import json
+
+    return sorted((json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()),
+                  key=lambda r: r["index"])
+
+
+def test_cli_compile_and_auto_batch_change_no_result(tmp_path, monkeypatch):
+    """eval --compile --batch-size auto against a plain run: the same predictions, the same
+    config.yaml (not part of the identity), and both options recorded in metrics.environment.
+    Compilation is forced to fail (torch.compile replaced), so the run also shows the fallback."""
+    import json
+
+    import yaml
+
+    from robustprompt.cli import main
+    from robustprompt.engine.rundir import semantic_config
+
+    root = _imagefolder(tmp_path)
+    base = ["eval", "--model", "rp-tiny", "--dataset", f"imagefolder:{root}", "--eps", "4", "--steps", "2",
+            "--device", "cpu", "--no-progress"]
+    torch.manual_seed(0)   # rp-tiny is random-init: the same weights for both runs
+    assert main([*base, "--batch-size", "4", "--out", str(tmp_path / "plain")]) == 0
+
+    def no_compiler(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("forced: no compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    torch.manual_seed(0)
+    assert main([*base, "--batch-size", "auto", "--compile", "--out", str(tmp_path / "fast")]) == 0
+    plain, fast = _records(tmp_path / "plain"), _records(tmp_path / "fast")
+    assert [(r["clean_pred"], r["adv_pred"]) for r in plain] == [(r["clean_pred"], r["adv_pred"]) for r in fast]
+    # the same run identity (batch size is a runtime key; compile is not in the config at all)
+    assert semantic_config(yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())) == \
+        semantic_config(yaml.safe_load((tmp_path / "fast" / "config.yaml").read_text()))
+    env = json.loads((tmp_path / "fast" / "metrics.json").read_text())["environment"]
+    assert env["compile"]["enabled"] and not env["compile"]["active"] and "forced" in env["compile"]["fallback"]
+    assert env["batch_size"]["auto"] and env["batch_size"]["batch"] == 64
+    env_plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())["environment"]
+    assert "compile" not in env_plain and "batch_size" not in env_plain
+
+
+def test_cli_bad_batch_size_is_one_line(capsys):
+    from robustprompt.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--batch-size", "many"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("expected an integer or auto" in line for line in err)

@@ -68,7 +68,18 @@ def _add_prompt_layout_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--depth", type=int)
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
+def batch_size_arg(value: str) -> "int | str":
+    """--batch-size N, or auto (eval: probed on CUDA, see engine.autobatch)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {value[:40]!r}") from None
+
+
+def add_data_args(p: argparse.ArgumentParser, *, auto_batch: bool = False) -> None:
+    """auto_batch: --batch-size also takes `auto` (eval)."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="dataset name (see README), imagefolder:PATH or csv:PATH")
     g.add_argument("--root", help="data root holding the CoOp-layout dataset folders")
@@ -76,8 +87,16 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classes", choices=["all", "base", "new"])
     g.add_argument("--subset", type=int, help="evaluate a fixed random subset of N images")
     g.add_argument("--subset-seed", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--workers", type=int, help="data-loading worker processes")
+    if auto_batch:
+        g.add_argument("--batch-size", type=batch_size_arg, metavar="N|auto",
+                       help="images per batch, or auto: on CUDA the largest attack batch that fits (a forward + "
+                            "backward probed at 16, 32, 64, ... up to 4096 until out of memory, then ¾ of the "
+                            "largest that ran, down to a multiple of 8); on a CPU auto means 64. Results do not "
+                            "depend on it; the probe is recorded in metrics.environment.batch_size")
+    else:
+        g.add_argument("--batch-size", type=int)
+    g.add_argument("--workers", type=int, help="data-loading worker processes (with CUDA: pinned memory, "
+                                               "4 batches prefetched per worker)")
     g.add_argument("--download", action="store_const", const=True, default=None,
                    help="allow downloading datasets that support it (Fashion-MNIST)")
 
@@ -133,6 +152,15 @@ def add_precision_args(p: argparse.ArgumentParser, *, clean: bool = True) -> Non
                         "recorded in the threat model)")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                    help="allow TF32 in CUDA matmuls and cuDNN convolutions (default off: fp32 means fp32); recorded")
+
+
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="run the attacks' image forward through torch.compile (inductor; needs a C compiler on "
+                        "CPU). Falls back to eager, with one warning, if compilation fails; recorded in "
+                        "metrics.environment.compile; not part of the run's identity. Meant for GPUs and long "
+                        "attacks (PGD-100; benchmarks/eval_throughput.py measures what it gains); the first batch "
+                        "includes the compilation")
 
 
 def warn_pixel_units(value: Optional[float], norm: Any, flag: str = "--eps") -> None:
@@ -208,6 +236,17 @@ def check_experiment_key(key: str) -> None:
         check_dotted_key(ExperimentConfig, key)
 
 
+def pop_auto_batch(raw: dict) -> bool:
+    """True (and data.batch_size removed, so the config keeps its default) when data.batch_size is
+    `auto` — from --batch-size auto, a YAML `batch_size: auto` or --set data.batch_size=auto.
+    Batch size is a runtime key: it is not part of the run's identity either way."""
+    data = raw.get("data")
+    if isinstance(data, dict) and data.get("batch_size") == "auto":
+        del data["batch_size"]
+        return True
+    return False
+
+
 # ------------------------------------------------------------------------------ commands
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.evaluate import EvalConfig, evaluate
@@ -228,11 +267,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         budget = {k: v for k, v in attack.items() if k in ("norm", "eps")}
         raw["also"] = [*also, *({"attack": a, **budget} for a in args.also)]
     apply_sets(raw, args.set_items, EvalConfig)
+    auto_batch = pop_auto_batch(raw)
     cfg = from_dict(EvalConfig, raw, args.config or "config")
     if resolved_only(raw, cfg, args, "eval"):
         return 0
     metrics = evaluate(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress,
-                       report_to=args.report_to)
+                       report_to=args.report_to, compile=args.compile, auto_batch=auto_batch)
     if metrics is not None:
         with tee_to_log(last_log_path()):   # the summary lines also go to the run's log.txt
             print_metrics(metrics)
@@ -401,7 +441,7 @@ def cmd_tta(args: argparse.Namespace) -> int:
     if resolved_only(raw, cfg, args, "tta"):
         return 0
     metrics = run_tta(cfg, args.out, overwrite=args.overwrite, wait_for_lock=args.wait, progress=not args.no_progress,
-                      report_to=args.report_to)
+                      report_to=args.report_to, compile=args.compile)
     if metrics is not None:
         with tee_to_log(last_log_path()):   # the summary lines also go to the run's log.txt
             print_metrics(metrics)
@@ -637,12 +677,13 @@ def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
 
     p = command("eval", help="clean and robust accuracy of a (prompted) classifier on a dataset")
     add_model_args(p)
-    add_data_args(p)
+    add_data_args(p, auto_batch=True)
     add_attack_args(p)
     p.add_argument("--also", nargs="+", choices=["pgd", "fgsm", "autoattack"],
                    help="further attacks at the same norm and ε; robust accuracy is then the worst case per "
                         "image, and each attack's own accuracy is reported (e.g. --attack pgd --also autoattack)")
     add_precision_args(p)
+    add_compile_arg(p)
     add_run_args(p)
     p.set_defaults(func=cmd_eval)
     defaults["eval"] = p
@@ -732,6 +773,7 @@ def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--quantize-adv", action="store_const", const=True, default=None,
                    help="round adversarial images to 8 bits before the defence (off by default)")
     add_precision_args(p, clean=False)
+    add_compile_arg(p)
     add_run_args(p)
     p.set_defaults(func=cmd_tta)
     defaults["tta"] = p

@@ -141,12 +141,18 @@ def git_commit() -> Optional[str]:
 
 def evaluate(cfg: EvalConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
              progress: bool = True, wait_for_lock: bool = False,
-             report_to: Sequence[str] | str | None = None) -> Optional[dict[str, Any]]:
+             report_to: Sequence[str] | str | None = None, compile: bool = False,
+             auto_batch: bool = False) -> Optional[dict[str, Any]]:
     """Run (or resume) an evaluation; returns the metrics on the main process.
 
     The run directory is locked for the whole run: another process on it is refused with a
     ConfigError naming its PID, unless `wait_for_lock` (then this one waits for it). log.txt and
-    scalars.csv are written in the run directory; report_to="tensorboard" adds TensorBoard events."""
+    scalars.csv are written in the run directory; report_to="tensorboard" adds TensorBoard events.
+    compile: the attacks call the classifier through `torch.compile` (engine.compiled; eager
+    after a failure, with a warning). auto_batch: the batch size is probed on CUDA
+    (engine.autobatch; CPU: its default) instead of data.batch_size. Neither is part of the run's
+    identity (batch size never changes an image's result; compiled arithmetic matches eager to
+    rounding); both are recorded in metrics.environment when used."""
     if out is not None:
         check_out_dir(out)   # before any work
     report_to = runlog.require_reporters(report_to)   # before any work: a missing tensorboard
@@ -163,14 +169,24 @@ def evaluate(cfg: EvalConfig, out: Optional[str | Path] = None, *, overwrite: bo
             runlog.run_logging(run.path, "eval", main_process=state.is_main_process, report_to=report_to):
         if resumed and run.metrics() is not None:
             return run.metrics() if state.is_main_process else None
-        return _evaluate(cfg, run, state, device, task, progress)
+        return _evaluate(cfg, run, state, device, task, progress, compile, auto_batch)
 
 
-def _evaluate(cfg: EvalConfig, run: RunDir, state, device, task: Task, progress: bool) -> Optional[dict[str, Any]]:
+def _evaluate(cfg: EvalConfig, run: RunDir, state, device, task: Task, progress: bool,
+              compile: bool = False, auto_batch: bool = False) -> Optional[dict[str, Any]]:
+    from .autobatch import auto_batch_size
+    from .compiled import attack_model, compile_record
+
     clf = classifier_from_spec(cfg.model, task.dataset, device)
     clf.eval()
     threat = cfg.attack.threat()
     threats = cfg.threats()
+    attacker = attack_model(clf, compile)   # the model the attacks call; clean and judging forwards stay eager
+    batch_size, probe = cfg.data.batch_size, None
+    if auto_batch:
+        probe = auto_batch_size(clf, clf.image_size, len(task.dataset.classnames), device,
+                                threat.precision)
+        batch_size = probe.batch
     transform = task.transform(clf)   # the backbone's preprocessing unless data.resize_mode forces one
     t_start = time.time()
 
@@ -180,7 +196,7 @@ def _evaluate(cfg: EvalConfig, run: RunDir, state, device, task: Task, progress:
         seeds = [image_seed(cfg.seed, i) for i in idx]
         preds = {}
         for key, t in threats.items():
-            x_adv = t.run(clf, x, y, seeds=seeds, seed=cfg.seed)
+            x_adv = t.run(attacker, x, y, seeds=seeds, seed=cfg.seed)
             with torch.no_grad():
                 preds[key] = clf(x_adv).argmax(1)
         # worst case per image: the first attack (in order) that fools the model, else the first's
@@ -195,13 +211,17 @@ def _evaluate(cfg: EvalConfig, run: RunDir, state, device, task: Task, progress:
         return recs
 
     records = run_per_image(run, state, task.split, task.indices, transform, process,
-                            batch_size=cfg.data.batch_size, workers=cfg.data.workers,
+                            batch_size=batch_size, workers=cfg.data.workers,
                             chunk=aa_chunk(threats.values()),
                             desc=f"eval {cfg.data.dataset} {threat.short()}"
                                  + (f" + {len(threats) - 1} more" if len(threats) > 1 else ""), progress=progress)
     if records is None:
         return None
     metrics = summarize(records, task, clf, threat, cfg, method_of(cfg.model), time.time() - t_start)
+    if compile:   # recorded only when asked, so runs without it keep the record they always had
+        metrics["environment"]["compile"] = compile_record(attacker)
+    if probe is not None:
+        metrics["environment"]["batch_size"] = {"auto": True, **probe.to_dict()}
     if len(threats) > 1:
         recs, n_cls = list(records.values()), len(task.dataset.classnames)
         metrics["attacks"] = [{"key": k, "title": t.short(), "randomness": None,

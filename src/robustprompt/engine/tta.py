@@ -233,10 +233,12 @@ def attacks_record(cfg: TTAConfig, recs: list[dict], n_classes: int) -> list[dic
 
 def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool = False,
             progress: bool = True, wait_for_lock: bool = False,
-            report_to: Sequence[str] | str | None = None) -> Optional[dict[str, Any]]:
+            report_to: Sequence[str] | str | None = None, compile: bool = False) -> Optional[dict[str, Any]]:
     """Run (or resume) a test-time defence under attack; returns the metrics on the main process.
     The run directory is locked as in `evaluate` (`wait_for_lock`: wait for another process);
-    log.txt, scalars.csv and report_to as in `evaluate`."""
+    log.txt, scalars.csv and report_to as in `evaluate`. compile: the non-adaptive attack calls
+    the classifier through `torch.compile` (engine.compiled, as `evaluate`'s); the defences and
+    the adaptive attacks, which run traced and per-view forwards, stay eager."""
     if out is not None:
         check_out_dir(out)   # before any work
     report_to = runlog.require_reporters(report_to)   # before any work: a missing tensorboard
@@ -261,13 +263,16 @@ def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool
             runlog.run_logging(run.path, "tta", main_process=state.is_main_process, report_to=report_to):
         if resumed and run.metrics() is not None:
             return run.metrics() if state.is_main_process else None
-        return _run_tta(cfg, run, state, device, task, procedure, model_spec, augmix_source, progress)
+        return _run_tta(cfg, run, state, device, task, procedure, model_spec, augmix_source, progress, compile)
 
 
 def _run_tta(cfg: TTAConfig, run: RunDir, state, device, task: Task, procedure, model_spec: ModelSpec,
-             augmix_source: str, progress: bool) -> Optional[dict[str, Any]]:
+             augmix_source: str, progress: bool, compile: bool = False) -> Optional[dict[str, Any]]:
+    from .compiled import attack_model, compile_record
+
     clf = classifier_from_spec(model_spec, task.dataset, device)
     clf.eval()
+    attacker = attack_model(clf, compile)
     if procedure.tunes_prompt:
         procedure.initial_prompts(clf)  # fails now, with a clear message, if there is nothing to tune
     threat = cfg.attack.threat()
@@ -285,7 +290,7 @@ def _run_tta(cfg: TTAConfig, run: RunDir, state, device, task: Task, procedure, 
         with torch.no_grad():
             base_clean = clf(x).argmax(1)
             defended_clean = procedure.run(clf, x, view_seeds).argmax(1)
-        x_non = quantised(threat.run(clf, x, y, seeds=attack_seeds, seed=cfg.seed))   # before any adaptation
+        x_non = quantised(threat.run(attacker, x, y, seeds=attack_seeds, seed=cfg.seed))   # before any adaptation
         examples, preds = {}, {}
         with torch.no_grad():
             examples["nonadaptive"], preds["nonadaptive"] = x_non, procedure.run(clf, x_non, view_seeds).argmax(1)
@@ -353,5 +358,7 @@ def _run_tta(cfg: TTAConfig, run: RunDir, state, device, task: Task, procedure, 
         "wall_time_this_session_s": round(time.time() - t_start, 3),
         "environment": environment(),
     }
+    if compile:   # recorded only when asked, so runs without it keep the record they always had
+        metrics["environment"]["compile"] = compile_record(attacker)
     run.finalize(records, metrics)
     return metrics
