@@ -158,7 +158,7 @@ def run_model(name: str, args, device: torch.device) -> tuple[list[Row], float, 
     clf = build(name, device, args.classes)
     flops = flops_per_image_step(clf, device)
     formula = formula_flops(clf)
-    ariths = ["fp32", "tf32", "bf16"] if device.type == "cuda" else ["fp32", "bf16"]
+    ariths = [a for a in args.ariths if device.type == "cuda" or a != "tf32"]   # TF32 is a CUDA switch
     batches = cuda_batches(args.start_batch, args.max_batch) if device.type == "cuda" else args.batches
     rows: list[Row] = []
     for mode in args.modes:
@@ -249,6 +249,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="CPU batch sizes")
     ap.add_argument("--start-batch", type=int, default=32, help="CUDA: first batch size, then doubling")
     ap.add_argument("--max-batch", type=int, default=4096, help="CUDA: stop doubling here (or at OOM)")
+    ap.add_argument("--ariths", nargs="+", default=["fp32", "tf32", "bf16"], choices=["fp32", "tf32", "bf16"],
+                    help="arithmetic (tf32 only on CUDA)")
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--warmup", type=int, default=2)

@@ -278,3 +278,30 @@ def test_cli_bad_batch_size_is_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert any("expected an integer or auto" in line for line in err)
+
+
+def test_tta_compile_records_and_changes_no_result(tmp_path, monkeypatch):
+    """run_tta(compile=True) against a plain run (compilation forced to fail): the same records,
+    and the compile outcome in metrics.environment (absent from the plain run's)."""
+    import json
+
+    from robustprompt.config import AttackSpec, DataSpec, ModelSpec
+    from robustprompt.engine.tta import TTAConfig, TTAMethodSpec, run_tta
+
+    cfg = TTAConfig(model=ModelSpec(name="demo"), data=DataSpec(dataset="fashion_mnist", subset=4, batch_size=4),
+                    method=TTAMethodSpec("mta", {"n_views": 8}), attack=AttackSpec(eps=8, alpha=2, steps=2),
+                    device="cpu")
+    plain = run_tta(cfg, tmp_path / "plain", progress=False)
+
+    def no_compiler(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("forced: no compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    fast = run_tta(cfg, tmp_path / "fast", progress=False, compile=True)
+    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k != "sec"}   # noqa: E731
+                         for line in (tmp_path / run / "records.jsonl").read_text().splitlines()]
+    assert strip("plain") == strip("fast")
+    assert fast["robust_acc"] == plain["robust_acc"] and "compile" not in plain["environment"]
+    assert fast["environment"]["compile"]["enabled"] and not fast["environment"]["compile"]["active"]
