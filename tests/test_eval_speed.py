@@ -305,3 +305,15 @@ def test_tta_compile_records_and_changes_no_result(tmp_path, monkeypatch):
     assert strip("plain") == strip("fast")
     assert fast["robust_acc"] == plain["robust_acc"] and "compile" not in plain["environment"]
     assert fast["environment"]["compile"]["enabled"] and not fast["environment"]["compile"]["active"]
+
+
+def test_out_of_memory_is_not_a_compile_failure(tiny_clf, tiny_images):
+    """An OOM inside the compiled call propagates (the batch is too large either way) and
+    leaves compilation on, so a smaller batch, or the batch-size probe, still runs compiled."""
+    def oom_backend(gm, example_inputs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    model = CompiledAttackModel(tiny_clf, backend=oom_backend)
+    with pytest.raises(Exception, match="out of memory"):
+        model(tiny_images)
+    assert model.active and model.fallback_reason is None

@@ -9,6 +9,7 @@ never pass through it: they call the classifier directly and stay eager.
 
 Compilation is lazy (it happens at the first call) and can fail in many ways: no C compiler for
 inductor, an op dynamo cannot trace, an unsupported backend. Any exception from the compiled call
+except running out of memory (re-raised: a batch too large is no compiler failure)
 switches the wrapper to eager for good, with one logged warning; the eager forward then runs on
 the same input, so a genuine input error (a wrong image size) is still raised, by eager code.
 """
@@ -19,6 +20,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
+
+from .autobatch import is_oom
 
 log = logging.getLogger("robustprompt")
 
@@ -51,6 +54,8 @@ class CompiledAttackModel(nn.Module):
             try:
                 return self._compiled(x)
             except Exception as exc:   # noqa: BLE001 — any compile failure means: run eager
+                if is_oom(exc):   # a batch too large is not a compiler problem: eager would not fit either
+                    raise
                 self._fall_back(exc)
         return self._image_features(x)
 
