@@ -26,7 +26,7 @@ from robustprompt.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 SRC_CONFIGS = ROOT / "src" / "robustprompt" / "configs"
 # the protocols the README names, listed by hand: a YAML that fails to ship is caught here
-SHIPPED = {"apd/few_shot", "cba_fapt/base_to_new", "cba_fapt/cross_dataset", "cba_fapt/few_shot",
+SHIPPED = {"apd/few_shot", "atpt/test_time", "cba_fapt/base_to_new", "cba_fapt/cross_dataset", "cba_fapt/few_shot",
            "cba_fapt/zero_shot"}
 
 
@@ -64,7 +64,7 @@ def test_the_root_configs_folder_still_works_in_a_checkout():
 def test_an_unknown_config_name_is_one_line_with_the_nearest_and_the_list(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"does not exist.*named cba_fapt/fewshot; did you mean cba_fapt/few_shot\?"
-                                          r".*shipped: apd/few_shot, cba_fapt/base_to_new") as err:
+                                          r".*shipped: apd/few_shot, atpt/test_time, cba_fapt/base_to_new") as err:
         find_config("cba_fapt/fewshot")
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="no config shipped with robustprompt is named ../secrets"):
