@@ -1,5 +1,7 @@
-"""Seconds per image of A-TPT: the toolkit against a straightforward implementation of the same
-computation organised as the released code does it, same model, same views, same run.
+"""Seconds per image of A-TPT and R-TPT: the toolkit against a straightforward implementation of the
+same computation organised as the released code does it, same model, same views, same run; and the
+toolkit defending one image at a time against several images at once (--batch P: the views of P
+images in one pass, each image with its own prompt copy — exact, since images are independent).
 
 straightforward:
   rollout      one forward + backward per view (64 single-image passes; `.backward()` from the
@@ -13,7 +15,11 @@ toolkit (robustprompt.tta.atpt): the rollout of all bases, then of all final vie
   views, and text-only tuning and prediction (the image tower does not depend on the text prompt).
 Both use the same views, maps post-processing, selection, loss and fusion; the script checks
 that they predict the same classes.
+R-TPT's straightforward loop is the same without the rollouts: a forward over all views for
+selection, over the selected views per tuning step, over all views for the prediction, one image
+at a time; R-TPT's reliability-weighted fusion.
 Usage: python benchmarks/tta_latency.py [--models demo ViT-B-16] [--images 2] [--views 64]
+       [--procedures atpt rtpt] [--batch 8]
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import torch
 from robustprompt.attribution.rollout import normalise_maps, upsample
 from robustprompt.models import TraceSpec
 from robustprompt.tta.atpt import tv_fusion
+from robustprompt.tta.rtpt import rtpt_fusion
 from robustprompt.tta.base import entropy
 from robustprompt.tta.procedures import build_procedure
 from robustprompt.tta.views import attention_guided_views, augmix_views
@@ -87,6 +94,37 @@ def naive_atpt(proc, clf, image: torch.Tensor, seed: int) -> int:
     return int(probs.argmax())
 
 
+def naive_rtpt(proc, clf, image: torch.Tensor, seed: int) -> int:
+    """R-TPT, one image, as its released code runs it: the image tower over the views three times."""
+    p = proc.params
+    views = augmix_views(image, p.n_views, torch.Generator().manual_seed(seed), use_augmix=p.augmix,
+                         crop_scale=(p.crop_scale, 1.0)).views
+    scale = clf.model.logit_scale.detach()
+    with torch.no_grad():
+        txt0 = clf.text_features()
+        ent = entropy(scale * clf.encode_image(views)[0] @ txt0.t())                      # selection pass
+        sel = ent.topk(p.n_selected, largest=False).indices
+    prompts = [torch.nn.Parameter(t.detach().clone()[None]) for t in clf.model.prompt.text_prompts()]
+    opt = torch.optim.AdamW(prompts, lr=p.lr, weight_decay=p.weight_decay)
+    for _ in range(p.steps):
+        with torch.no_grad():
+            feats_sel = clf.encode_image(views[sel])[0]                                   # tuning pass
+        txt = proc.text_features(clf, prompts)[0]
+        loss = entropy(scale * feats_sel @ txt.t()).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        txt = proc.text_features(clf, prompts)[0]
+        feats = clf.encode_image(views)[0]                                                # prediction pass
+        probs = rtpt_fusion((scale * feats @ txt.t())[None], feats[None], p.top_k, p.temperature, p.fuse_space)
+    return int(probs.argmax())
+
+
+NAIVE = {"atpt": naive_atpt, "rtpt": naive_rtpt}
+PARAMS = {"atpt": {"fusion": "tv"}, "rtpt": {}}   # A-TPT: the paper's TV path, two rollouts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["demo", "ViT-B-16"])
@@ -94,6 +132,8 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=64)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--procedures", nargs="+", default=["atpt", "rtpt"], choices=sorted(NAIVE))
+    ap.add_argument("--batch", type=int, default=0, help="also time the toolkit on this many images at once")
     args = ap.parse_args()
     device = torch.device(args.device)
     from robustprompt.api import get_backbone
@@ -105,31 +145,48 @@ def main() -> None:
         torch.manual_seed(0)
         bb = get_backbone(name, device=device)
         clf = PromptedClassifier(bb, [f"class {i}" for i in range(args.classes)], TPT_PROMPT).to(device)
-        proc = build_procedure("atpt", {"n_views": args.views, "fusion": "tv"})  # the paper's TV path: two rollouts
-        images = torch.rand(args.images, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(1))
+        n_img = max(args.images, args.batch)
+        images = torch.rand(n_img, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(1))
         images = images.to(device)
-        proc.run(clf, images[:1], [0])   # warm-up
-        naive_atpt(proc, clf, images[0], 0)
-        sync(device)
-        t0 = time.perf_counter()
-        fast = [int(proc.run(clf, images[i:i + 1], [100 + i]).argmax()) for i in range(args.images)]
-        sync(device)
-        t_fast = (time.perf_counter() - t0) / args.images
-        t0 = time.perf_counter()
-        slow = [naive_atpt(proc, clf, images[i], 100 + i) for i in range(args.images)]
-        sync(device)
-        t_slow = (time.perf_counter() - t0) / args.images
-        rows.append((name, t_slow, t_fast, fast == slow))
-        print(f"{name}: straightforward {t_slow:.3f} s/img, toolkit {t_fast:.3f} s/img, "
-              f"speed-up {t_slow / t_fast:.2f}x, same predictions: {fast == slow}", flush=True)
+        for pname in args.procedures:
+            proc = build_procedure(pname, {"n_views": args.views, **PARAMS[pname]})
+            naive = NAIVE[pname]
+            proc.run(clf, images[:1], [0])   # warm-up
+            naive(proc, clf, images[0], 0)
+            sync(device)
+            t0 = time.perf_counter()
+            fast = [int(proc.run(clf, images[i:i + 1], [100 + i]).argmax()) for i in range(args.images)]
+            sync(device)
+            t_fast = (time.perf_counter() - t0) / args.images
+            t0 = time.perf_counter()
+            slow = [naive(proc, clf, images[i], 100 + i) for i in range(args.images)]
+            sync(device)
+            t_slow = (time.perf_counter() - t0) / args.images
+            t_batch, same_batch = None, None
+            if args.batch > 1:
+                seeds = [100 + i for i in range(args.batch)]
+                one = [int(proc.run(clf, images[i:i + 1], [seeds[i]]).argmax()) for i in range(args.batch)]
+                sync(device)
+                t0 = time.perf_counter()
+                together = proc.run(clf, images[:args.batch], seeds).argmax(1).tolist()
+                sync(device)
+                t_batch = (time.perf_counter() - t0) / args.batch
+                same_batch = together == one
+            rows.append((name, proc.title, t_slow, t_fast, fast == slow, t_batch, same_batch))
+            print(f"{name} {proc.title}: straightforward {t_slow:.3f} s/img, toolkit {t_fast:.3f} s/img "
+                  f"({t_slow / t_fast:.2f}x), same predictions: {fast == slow}"
+                  + (f"; {args.batch} images at once {t_batch:.3f} s/img ({t_fast / t_batch:.2f}x one at a time), "
+                     f"same predictions: {same_batch}" if t_batch else ""), flush=True)
     where = torch.cuda.get_device_name() if device.type == "cuda" else \
         f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"\nA-TPT, {args.views} views, {args.classes} classes, 1 tuning step, one image at a time, {where}, "
-          f"torch {torch.__version__}\n")
-    print("| backbone | straightforward (s/img) | toolkit (s/img) | speed-up | same predictions |")
-    print("|---|---:|---:|---:|---|")
-    for name, s, f, same in rows:
-        print(f"| {name} | {s:.3f} | {f:.3f} | {s / f:.2f}× | {'yes' if same else 'NO'} |")
+    print(f"\n{args.views} views, {args.classes} classes, 1 tuning step, {where}, torch {torch.__version__}\n")
+    batch_cols = f" toolkit, {args.batch} at once (s/img) | vs one at a time | same |" if args.batch > 1 else ""
+    print(f"| backbone | procedure | straightforward (s/img) | toolkit, one at a time (s/img) | speed-up | same predictions |"
+          + batch_cols)
+    print("|---|---|---:|---:|---:|---|" + ("---:|---:|---|" if args.batch > 1 else ""))
+    for name, title, s, f, same, tb, sb in rows:
+        extra = f" {tb:.3f} | {f / tb:.2f}× | {'yes' if sb else 'NO'} |" if tb else ""
+        print(f"| {name} | {title} | {s:.3f} | {f:.3f} | {s / f:.2f}× | {'yes' if same else 'NO'} |" + extra)
 
 
 if __name__ == "__main__":
