@@ -63,42 +63,11 @@ def naive_rollout_map(clf, image: torch.Tensor) -> torch.Tensor:
     return normalise_maps(roll[:, 0, out.vision.patch_slice].reshape(1, *out.vision.grid).detach())[0]
 
 
-def naive_atpt(proc, clf, image: torch.Tensor, seed: int) -> int:
+def naive_select_tune_predict(proc, clf, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The released codes' loop for one image's views V×3×S×S: a forward over all views to select
+    the confident ones, a forward over the selected views per tuning step (the image tower again),
+    a forward over all views for the prediction. Returns (selected k, logits V×K, features V×D)."""
     p = proc.params
-    views = augmix_views(image, p.n_views, torch.Generator().manual_seed(seed), crop_scale=(p.crop_scale, 1.0))
-    maps = torch.stack([naive_rollout_map(clf, b) for b in views.bases])               # per view
-    full = upsample(maps, image.shape[-1])
-    final = attention_guided_views(views, full, ratio=p.ratio, m_high=p.m_high, m_low=p.m_low,
-                                   mix_source=p.mix_source)
-    scale = clf.model.logit_scale.detach()
-    with torch.no_grad():
-        txt0 = clf.text_features()
-        ent = entropy(scale * clf.encode_image(final)[0] @ txt0.t())                    # selection pass
-        sel = ent.topk(p.n_selected, largest=False).indices
-    prompts = [torch.nn.Parameter(t.detach().clone()[None]) for t in clf.model.prompt.text_prompts()]
-    opt = torch.optim.AdamW(prompts, lr=p.lr, weight_decay=p.weight_decay)
-    for _ in range(p.steps):
-        with torch.no_grad():
-            feats_sel = clf.encode_image(final[sel])[0]                                  # tuning pass
-        txt = proc.text_features(clf, prompts)[0]
-        loss = entropy(scale * feats_sel @ txt.t()).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        txt = proc.text_features(clf, prompts)[0]
-        logits = scale * clf.encode_image(final)[0] @ txt.t()                           # prediction pass
-    own = torch.stack([naive_rollout_map(clf, v) for v in final])                       # each view's own map
-    probs = tv_fusion(logits[None], sel[None], own[None], resolution=p.tv_resolution, size=image.shape[-1],
-                      space=p.space)
-    return int(probs.argmax())
-
-
-def naive_rtpt(proc, clf, image: torch.Tensor, seed: int) -> int:
-    """R-TPT, one image, as its released code runs it: the image tower over the views three times."""
-    p = proc.params
-    views = augmix_views(image, p.n_views, torch.Generator().manual_seed(seed), use_augmix=p.augmix,
-                         crop_scale=(p.crop_scale, 1.0)).views
     scale = clf.model.logit_scale.detach()
     with torch.no_grad():
         txt0 = clf.text_features()
@@ -117,7 +86,30 @@ def naive_rtpt(proc, clf, image: torch.Tensor, seed: int) -> int:
     with torch.no_grad():
         txt = proc.text_features(clf, prompts)[0]
         feats = clf.encode_image(views)[0]                                                # prediction pass
-        probs = rtpt_fusion((scale * feats @ txt.t())[None], feats[None], p.top_k, p.temperature, p.fuse_space)
+    return sel, scale * feats @ txt.t(), feats
+
+
+def naive_atpt(proc, clf, image: torch.Tensor, seed: int) -> int:
+    p = proc.params
+    views = augmix_views(image, p.n_views, torch.Generator().manual_seed(seed), crop_scale=(p.crop_scale, 1.0))
+    maps = torch.stack([naive_rollout_map(clf, b) for b in views.bases])               # per view
+    full = upsample(maps, image.shape[-1])
+    final = attention_guided_views(views, full, ratio=p.ratio, m_high=p.m_high, m_low=p.m_low,
+                                   mix_source=p.mix_source)
+    sel, logits, _ = naive_select_tune_predict(proc, clf, final)
+    own = torch.stack([naive_rollout_map(clf, v) for v in final])                       # each view's own map
+    probs = tv_fusion(logits[None], sel[None], own[None], resolution=p.tv_resolution, size=image.shape[-1],
+                      space=p.space)
+    return int(probs.argmax())
+
+
+def naive_rtpt(proc, clf, image: torch.Tensor, seed: int) -> int:
+    """R-TPT, one image, as its released code runs it: the image tower over the views three times."""
+    p = proc.params
+    views = augmix_views(image, p.n_views, torch.Generator().manual_seed(seed), use_augmix=p.augmix,
+                         crop_scale=(p.crop_scale, 1.0)).views
+    _, logits, feats = naive_select_tune_predict(proc, clf, views)
+    probs = rtpt_fusion(logits[None], feats[None], p.top_k, p.temperature, p.fuse_space)
     return int(probs.argmax())
 
 

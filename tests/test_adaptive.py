@@ -13,6 +13,7 @@ from robustprompt.models import PromptedClassifier
 from robustprompt.tta.adaptive import (AdaptiveAttack, _evaluate, adaptive_attack, apgd_checkpoints, dlr_loss,
                                        eot_pgd)
 from robustprompt.tta.procedures import build_procedure
+from finite_diff import DirectionalCheck
 
 PROCEDURES = ["tpt", "ctpt", "mta", "rtpt", "atpt"]
 
@@ -52,20 +53,9 @@ def test_gradient_through_the_update_matches_finite_differences(name, steps, tin
     proc = build_procedure(name, {"n_views": 8, "steps": steps, "augmix": False, "lr": 0.1})
     g = torch.Generator().manual_seed(1)
     x = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64)
-    d = torch.randn(x.shape, generator=g, dtype=torch.float64)
-    y = torch.tensor([0, 1])
-
-    def logp(z, **kw):
-        return proc.run(tiny64, z, [1, 2], **kw).log()[torch.arange(2), y].sum()
-
-    def directional(through):
-        xg = x.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(logp(xg, differentiable=True, through_update=through), xg)
-        return float((grad * d).sum())
-
-    def central(h):
-        with torch.no_grad():
-            return float((logp(x + h * d) - logp(x - h * d)) / (2 * h))
+    check = DirectionalCheck(lambda z, **kw: proc.run(tiny64, z, [1, 2], **kw), x,
+                             torch.randn(x.shape, generator=g, dtype=torch.float64), torch.tensor([0, 1]))
+    central, directional = check.central, check.directional
 
     fd = (4 * central(5e-5) - central(1e-4)) / 3   # Richardson: truncation error O(h⁴) ≈ 1e-13
     exact, held = directional(True), directional(False)

@@ -18,6 +18,8 @@ from robustprompt.tta.tapt import TAPT_PROMPT, alignment_loss, tapt_alignment, v
 from robustprompt.tta.token_stats import (TokenStats, backbone_hash, compute_token_stats, load_token_stats,
                                           save_token_stats)
 
+from finite_diff import DirectionalCheck
+
 PROMPT = PromptConfig(coupling="independent", n_ctx=2, depth=3, text_init="a photo of a", text_init_mode="phrase")
 CLASSES = ["a", "b", "c"]
 
@@ -289,20 +291,9 @@ def test_gradient_through_the_update_matches_finite_differences(clf64, stats_fil
     proc = _proc(stats_file, n_views=8, steps=3, lr=0.1, align_norm=norm)
     g = torch.Generator().manual_seed(1)
     x = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64)
-    d = torch.randn(x.shape, generator=g, dtype=torch.float64)
-    y = torch.tensor([0, 1])
-
-    def logp(z, **kw):
-        return proc.run(clf64, z, [1, 2], **kw).log()[torch.arange(2), y].sum()
-
-    def directional(through):
-        xg = x.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(logp(xg, differentiable=True, through_update=through), xg)
-        return float((grad * d).sum())
-
-    def central(h):
-        with torch.no_grad():
-            return float((logp(x + h * d) - logp(x - h * d)) / (2 * h))
+    check = DirectionalCheck(lambda z, **kw: proc.run(clf64, z, [1, 2], **kw), x,
+                             torch.randn(x.shape, generator=g, dtype=torch.float64), torch.tensor([0, 1]))
+    central, directional = check.central, check.directional
 
     fd = (4 * central(1e-6) - central(2e-6)) / 3
     exact, held = directional(True), directional(False)
