@@ -95,6 +95,50 @@ def test_bad_shards_are_one_line_errors(text, message, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def _array(task, low, high, count, step=None):
+    env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": str(low), "SLURM_ARRAY_TASK_MAX": str(high),
+           "SLURM_ARRAY_TASK_COUNT": str(count)}
+    return env if step is None else {**env, "SLURM_ARRAY_TASK_STEP": str(step)}
+
+
+@pytest.mark.parametrize("env, shard", [
+    (_array(0, 0, 63, 64), (1, 64)), (_array(63, 0, 63, 64), (64, 64)),     # --array=0-63
+    (_array(1, 1, 64, 64), (1, 64)), (_array(64, 1, 64, 64, 1), (64, 64)),  # --array=1-64: the same shares
+    (_array(6, 0, 126, 64, 2), (4, 64)),                                   # --array=0-126:2, task 6 is the 4th
+    (_array(5, 5, 5, 1), (1, 1)), (_array(6, 3, 9, 3, 3), (2, 3))])        # one task; --array=3-9:3 (3, 6, 9)
+def test_shard_slurm_is_the_task_s_place_in_its_array(env, shard):
+    assert parse_shard("slurm", env) == shard
+
+
+def test_every_unit_runs_once_under_a_one_based_array():
+    """--array=1-N with --shard slurm deals every unit once (the shell arithmetic $((ID + 1)) would skip share 1
+    and refuse share N + 1)."""
+    units = grid_units([f"p{k}" for k in range(7)], [1, 2])
+    n = 4
+    shards = [parse_shard("slurm", _array(task, 1, n, n)) for task in range(1, n + 1)]
+    assert sorted(u.index for i, count in shards for u in shard_units(units, i, count)) == list(range(len(units)))
+
+
+@pytest.mark.parametrize("env, message", [
+    ({}, "SLURM_ARRAY_TASK_ID is not set"), (_array(0, 0, 3, 4) | {"SLURM_ARRAY_TASK_MAX": ""}, "MAX is not set"),
+    (_array(3, 1, 4, 3), "evenly spaced range"),           # --array=1,3,4: a gap
+    (_array(3, 0, 6, 4, 2), "evenly spaced range"),        # --array=0-6:2 has no task 3
+    (_array(9, 0, 3, 4), "evenly spaced range"),           # a task outside its array
+    (_array("x", 0, 3, 4), "not whole numbers")])
+def test_shard_slurm_outside_an_evenly_spaced_array_is_one_line(env, message, tmp_path, capsys, monkeypatch):
+    with pytest.raises(ConfigError, match=message):
+        parse_shard("slurm", env)
+    for key in [k for k in os.environ if k.startswith("SLURM_ARRAY_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(TRAIN))
+    assert main(["run", str(tmp_path / "e.yaml"), "--shard", "slurm", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("flags, message", [(["--shard", "1/2", "--collect"], "do not go together"),
                                             (["--collect", "--launcher", "local"], "do not go together"),
                                             (["--shards", "3"], "goes with --launcher"),

@@ -733,11 +733,11 @@ def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
         "so shards never write the same file and any of them can be rerun (finished runs are reused). "
         "Each shard may itself use several GPUs: torchrun --nproc-per-node G -m robustprompt run CONFIG "
         "--shard i/N.")
-    g.add_argument("--shard", metavar="I/N",
+    g.add_argument("--shard", metavar="I/N|slurm",
                    help="run only share I of N (1 ≤ I ≤ N; unit j goes to share j mod N + 1, round-robin, so the "
                         "expensive settings spread out); shards share --out and hold its lock only briefly; no "
-                        "summary is written (use --collect). Slurm array: --shard "
-                        "$((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT; Kubernetes indexed job: "
+                        "summary is written (use --collect). In a Slurm job array: --shard slurm (its place in "
+                        "the array, whatever the indices start at); Kubernetes indexed job: "
                         "--shard $((JOB_COMPLETION_INDEX + 1))/N")
     g.add_argument("--collect", action="store_true",
                    help="run nothing: write summary.json/summary.md from the runs that have finished and list the "

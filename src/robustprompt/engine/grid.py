@@ -29,7 +29,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import yaml
 
@@ -95,17 +95,42 @@ def grid_units(point_keys: Iterable[str], seeds: Iterable[int]) -> list[Unit]:
             enumerate((k, s) for k in point_keys for s in seeds)]
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """'i/N' (1-based, 1 ≤ i ≤ N) → (i, N); anything else is a one-line ConfigError."""
+def parse_shard(text: str, environ: Optional[Mapping[str, str]] = None) -> tuple[int, int]:
+    """'i/N' (1-based, 1 ≤ i ≤ N) → (i, N); 'slurm' → this task's place in its Slurm job array
+    (see `slurm_array_shard`); anything else is a one-line ConfigError."""
+    if str(text).strip().lower() == "slurm":
+        return slurm_array_shard(os.environ if environ is None else environ)
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
     if not m:
-        raise ConfigError(f"--shard takes I/N with whole numbers, e.g. 3/8 (shard 3 of 8), got {str(text)[:50]!r}; "
-                          "from a Slurm array: --shard $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT")
+        raise ConfigError(f"--shard takes I/N with whole numbers, e.g. 3/8 (shard 3 of 8), or 'slurm' inside a "
+                          f"Slurm job array, got {str(text)[:50]!r}")
     i, n = int(m.group(1)), int(m.group(2))
     if n < 1 or not 1 <= i <= n:
         raise ConfigError(f"--shard {i}/{n}: shards are numbered 1 to N (N ≥ 1); a 0-based index such as "
-                          f"SLURM_ARRAY_TASK_ID needs + 1")
+                          f"SLURM_ARRAY_TASK_ID needs + 1 (or use --shard slurm)")
     return i, n
+
+
+def slurm_array_shard(environ: Mapping[str, str]) -> tuple[int, int]:
+    """(i, N) of this Slurm array task: N = SLURM_ARRAY_TASK_COUNT and i its place among the array's
+    indices, whatever they start at (--array=0-63, 1-64) and whatever their step (--array=0-126:2).
+    An array with gaps (--array=1,3,4) has no such place and is refused: name the shard with I/N."""
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_COUNT")
+    missing = [n for n in names if not str(environ.get(n, "")).strip()]
+    if missing:
+        raise ConfigError(f"--shard slurm: {missing[0]} is not set — this is not a Slurm job array task "
+                          "(sbatch --array=…); elsewhere name the shard: --shard I/N")
+    try:
+        task, low, high, count = (int(environ[n]) for n in names)
+        step = int(environ.get("SLURM_ARRAY_TASK_STEP") or 1)
+    except ValueError:
+        raise ConfigError("--shard slurm: the SLURM_ARRAY_TASK_* variables are not whole numbers; "
+                          "name the shard: --shard I/N") from None
+    if step < 1 or count < 1 or high - low != (count - 1) * step or (task - low) % step or not low <= task <= high:
+        raise ConfigError(f"--shard slurm: the array's indices ({low}…{high}, step {step}, {count} tasks) are not "
+                          f"an evenly spaced range holding task {task}; submit --array=0-<N-1> or name the "
+                          "shard: --shard I/N")
+    return (task - low) // step + 1, count
 
 
 def shard_units(units: list[Unit], shard: int, count: int) -> list[Unit]:
