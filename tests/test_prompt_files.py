@@ -192,6 +192,7 @@ def test_a_prompt_file_alone_rebuilds_the_trained_classifier(tiny_run, tmp_path)
     shutil.copyfile(tiny_run["run"] / "prompts.safetensors", alone)
     clf = rp.load_classifier(prompts=str(alone))
     assert clf.classnames == sorted(CLASSES) and clf.prompt_cfg == PromptConfig(**PROMPT)
+    assert clf.prompt_origin == str(alone)      # it knows its prompts are trained ones (TAPT relies on it)
     with torch.no_grad():
         torch.testing.assert_close(clf(x), ref, rtol=0, atol=0)
     # the run directory gives the same classifier

@@ -236,6 +236,20 @@ def test_another_initial_prompt_is_replaced_by_the_stats_one(clf, stats_file, ca
     assert all(torch.equal(v, other.prompt_state_dict()[k]) for k, v in clf.prompt_state_dict().items())
 
 
+def test_trained_prompts_are_never_replaced_by_the_stats_one(clf, stats_file):
+    """A model whose prompts were loaded from a run (--run) keeps them: statistics of another prompt
+    are refused, not swapped in (the paper starts TAPT from adversarially trained prompts)."""
+    other = _shifted_prompt()
+    other.prompt_origin = "runs/train/ivlp-x/prompts.safetensors"
+    before = {k: v.clone() for k, v in other.prompt_state_dict().items()}
+    with pytest.raises(ConfigError, match="tta-stats --run"):
+        _proc(stats_file).initial_prompts(other)
+    assert all(torch.equal(v, before[k]) for k, v in other.prompt_state_dict().items())
+    trained_same = copy.deepcopy(clf)   # the statistics' own prompt, loaded from a run: accepted
+    trained_same.prompt_origin = "runs/train/ivlp-y/prompts.safetensors"
+    _proc(stats_file).initial_prompts(trained_same)
+
+
 @pytest.fixture(scope="module")
 def clf64(clf):
     c = copy.deepcopy(clf).double()

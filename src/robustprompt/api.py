@@ -292,6 +292,7 @@ def _recorded_labels(trained: TrainedPrompts) -> tuple[list[str], Optional[list[
 def _load_state(clf: PromptedClassifier, trained: TrainedPrompts) -> None:
     _check_prompt_layout(trained.state, clf.prompt_state_dict(), trained)
     clf.load_prompt_state_dict({k: v.to(clf.mean.device) for k, v in trained.state.items()})
+    clf.prompt_origin = str(trained.file)
 
 
 def resolve_templates(spec: str, dataset: Dataset) -> list[str]:

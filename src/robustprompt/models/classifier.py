@@ -75,6 +75,8 @@ class PromptedClassifier(nn.Module):
         self._cache: Optional[tuple[Any, torch.Tensor]] = None
         self._static: Optional[torch.Tensor] = None
         self.text_encode_count = 0  # how often the text tower ran (tests and benchmarks read it)
+        # the file trained prompts were loaded from (None: the prompts are the layout's initial ones)
+        self.prompt_origin: Optional[str] = None
         self.set_classnames(classnames, templates)
 
     # ------------------------------------------------------------------ set-up

@@ -39,6 +39,8 @@ tokens a random N(0, 0.02²) draw). Since the statistics of the prompt tokens ar
 itself, the statistics file stores the prompt it was computed with and TAPT starts from that one
 when the model's differs (``prompt_from_stats``, default true, with a warning naming both
 hashes — a random untrained draw is never the same in two processes); false refuses instead.
+Trained prompts (a model loaded from a run or prompt file) are never replaced: statistics of
+another prompt are refused.
 
 Couplings: any prompt with vision prompts; the tuned copies are the resolved per-block tensors
 (for a coupled prompt the copies are tuned as independent tensors, the coupling is not kept);
@@ -179,12 +181,17 @@ class TAPT(TTAProcedure):
 
     def _use_stats_prompt(self, clf: PromptedClassifier) -> None:
         """The statistics belong to the prompt they were computed with (its tokens' statistics are
-        the prompt itself). A model with another prompt gets that one loaded (prompt_from_stats,
-        a warning naming both hashes) or is refused."""
+        the prompt itself). A model with another untrained prompt gets that one loaded
+        (prompt_from_stats, a warning naming both hashes) or is refused; trained prompts (a model
+        loaded from a run or prompt file) are always refused."""
         recorded, own = self.stats.meta.get("prompt_sha256"), prompt_hash(clf)
         if recorded == own:
             return
         where = self.params.stats[:200]
+        if clf.prompt_origin is not None:   # trained prompts (--run) are the point: never replaced
+            raise ConfigError(f"tapt stats {where} were computed with prompt {recorded}, not with the trained "
+                              f"prompts of {clf.prompt_origin[:200]} ({own}); compute them for those: "
+                              "robustprompt tta-stats --run RUN")
         if not (self.params.prompt_from_stats and self.stats.prompt_state):
             raise ConfigError(f"tapt stats {where} were computed with prompt {recorded}, this model's is {own}; "
                               "compute them with this prompt, or set prompt_from_stats=true")
