@@ -1,4 +1,6 @@
 """`robustprompt run`: grids × seeds, resumable, mean ± std from the runs' own metrics."""
+import contextlib
+import io
 import json
 import statistics
 from pathlib import Path
@@ -53,6 +55,37 @@ def test_cli_set_pins_a_grid_key(tmp_path, capsys):
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "exp").iterdir() if p.is_dir()) == ["method=advvp"]
     assert "± 0.00" in capsys.readouterr().out
+
+
+def test_pin_grid_by_hand():
+    from robustprompt.cli import pin_grid
+
+    grid = {"tta.method": [{"name": "tpt", "params": {"n_views": 4}}, {"name": "mta"}], "tta.attack.eps": [1, 4]}
+    pinned = pin_grid(grid, {"tta.method.params.n_views": 16, "tta.attack.eps": 2, "tta.seed": 5})
+    assert pinned == {"tta.method": [{"name": "tpt", "params": {"n_views": 16}}, {"name": "mta", "params": {"n_views": 16}}],
+                      "tta.attack.eps": [2]}
+    assert grid["tta.method"][0]["params"]["n_views"] == 4 and "params" not in grid["tta.method"][1]   # untouched
+    with pytest.raises(ConfigError, match="plain values"):
+        pin_grid({"train.method.name": ["advvp"]}, {"train.method.name.x": 1})
+
+
+def _printed_grid(tmp_path, *sets: str) -> dict:
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(SMALL))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["run", str(tmp_path / "e.yaml"), *[a for s in sets for a in ("--set", s)], "--print-config"]) == 0
+    return yaml.safe_load(out.getvalue())["grid"]
+
+
+def test_cli_set_on_the_grid(tmp_path, capsys):
+    """The last --set of a grid key wins (as for any key); --set grid=… replaces the whole grid (it was
+    overwritten by the file's); grid.KEY is refused in one line (grid keys hold dots)."""
+    assert _printed_grid(tmp_path, "train.method.name=advvp", "train.method.name=fap") == {"train.method.name": ["fap"]}
+    assert _printed_grid(tmp_path, "grid={train.method.name: [apd], train.optim.lr: [0.1]}") == {
+        "train.method.name": ["apd"], "train.optim.lr": [0.1]}
+    assert main(["run", str(tmp_path / "e.yaml"), "--set", "grid.train.method.name=[apd]", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "grid keys hold dots" in err[0]
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))

@@ -225,6 +225,7 @@ def check_experiment_key(key: str) -> None:
     from .config import check_dotted_key
     from .engine.experiment import ExperimentConfig
     from .engine.train import TrainConfig
+    from .errors import ConfigError
 
     if key.startswith("train."):
         check_dotted_key(TrainConfig, key[len("train."):], "train.")
@@ -232,7 +233,11 @@ def check_experiment_key(key: str) -> None:
         from .engine.tta import TTAConfig
 
         check_dotted_key(TTAConfig, key[len("tta."):], "tta.")
-    elif key.split(".")[0] != "grid":
+    elif key.startswith("grid."):
+        raise ConfigError(f"--set {key[:100]}: grid keys hold dots (train.method.name), so they cannot be set one "
+                          "by one; pin a grid key with --set KEY=VALUE, or replace the whole grid with "
+                          "--set 'grid={KEY: [V1, V2]}'")
+    elif key != "grid":
         check_dotted_key(ExperimentConfig, key)
 
 
@@ -331,22 +336,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     args.config = str(find_config(args.config))   # a file, or a config shipped with the package
     overrides: dict = {}
-    pinned = []
+    pinned: dict = {}
     for item in args.set or []:
         key, value = _parse_set(item)
         check_experiment_key(key)
         set_dotted(overrides, key, value)
-        pinned.append(key)
+        pinned[key] = value           # a key set twice: the last value, as for any other key
     if args.device:
         overrides["device"] = args.device
     if pinned:
-        grid = load_yaml(args.config).get("grid") or {}
-        grid = dict(grid) if isinstance(grid, dict) else {}  # a malformed grid: load_experiment says so
-        for key in pinned:  # a --set on a grid key pins it to that one value
-            if key in grid:
-                grid[key] = [_parse_set(next(i for i in args.set if i.split("=", 1)[0].strip() == key))[1]]
-        if grid:
-            overrides["grid"] = grid
+        grid = overrides["grid"] if "grid" in pinned else load_yaml(args.config).get("grid") or {}
+        if isinstance(grid, dict):    # a malformed grid: load_experiment says so
+            overrides["grid"] = pin_grid(grid, pinned)
     grid_mode = _check_grid_flags(args)   # before the config loads: a bad --shard is one line
     cfg = load_experiment(args.config, overrides)
     if args.print_config:
@@ -360,6 +361,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     if summary is not None:
         print(summary["markdown"])
     return 0
+
+
+def pin_grid(grid: dict, pinned: dict) -> dict:
+    """The grid once `run --set` has spoken: a set grid key is pinned to its one value; a key inside
+    a grid key whose values are mappings (tta.method.params.n_views under a tta.method grid) is set
+    in every one of them — the grid replaces the whole mapping at each point, so the value set
+    alone would be lost; inside a grid key of plain values it is refused."""
+    import copy
+
+    from .config import set_dotted
+    from .errors import ConfigError
+
+    grid = dict(grid)
+    for key, value in pinned.items():
+        if key in grid:
+            grid[key] = [value]
+            continue
+        for gk in [g for g in grid if key.startswith(f"{g}.")]:
+            values = grid[gk] if isinstance(grid[gk], list) else [grid[gk]]
+            if not all(isinstance(v, dict) for v in values):
+                raise ConfigError(f"--set {key[:100]}: the grid sets {gk[:100]} to plain values, which have no "
+                                  f"{key[len(gk) + 1:][:100]}; pin {gk[:100]} itself (--set {gk[:100]}=…)")
+            grid[gk] = [copy.deepcopy(v) for v in values]
+            for v in grid[gk]:
+                set_dotted(v, key[len(gk) + 1:], value)
+    return grid
 
 
 def _check_grid_flags(args: argparse.Namespace) -> str:
