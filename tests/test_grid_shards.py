@@ -232,11 +232,11 @@ def test_collect_lists_missing_tta_units_until_their_command_runs(tmp_path, caps
 
 
 # ------------------------------------------------------------------------------ submitit
-def test_local_launcher_runs_one_job_per_unit_then_collects(tmp_path, unsharded, capsys):
+def test_local_launcher_runs_its_jobs_then_collects(tmp_path, unsharded, capsys):
     pytest.importorskip("submitit")
     (tmp_path / "e.yaml").write_text(yaml.safe_dump(TRAIN))
     root = tmp_path / "exp"
-    rc = main(["run", str(tmp_path / "e.yaml"), "--out", str(root), "--launcher", "local"])
+    rc = main(["run", str(tmp_path / "e.yaml"), "--out", str(root), "--launcher", "local", "--shards", "2"])
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "submitted 2 job(s)" in err
@@ -244,6 +244,57 @@ def test_local_launcher_runs_one_job_per_unit_then_collects(tmp_path, unsharded,
     assert len(logs) == 2 and all(list(p.glob("*.out")) for p in logs)                  # one log folder per job
     summary, unsharded_root = unsharded
     _same_up_to_root(json.loads((root / "summary.json").read_text()), root, summary, unsharded_root)
+
+
+@pytest.mark.parametrize("gpus_per_node, jobs, device_count, groups", [
+    (1, None, 4, [(0,), (1,), (2,), (3,)]), (2, None, 5, [(0, 1), (2, 3)]), (1, 2, 4, [(0,), (1,)]),
+    (0, None, 4, [()]), (1, None, 0, [()]), (0, 3, 0, [(), (), ()])])
+def test_local_jobs_never_share_a_gpu(gpus_per_node, jobs, device_count, groups):
+    from robustprompt.engine.launcher import local_gpu_groups
+
+    assert local_gpu_groups(gpus_per_node, jobs, device_count) == groups
+
+
+@pytest.mark.parametrize("gpus_per_node, jobs, device_count, message", [
+    (1, 5, 4, "GPUs for 4"), (3, None, 2, "asks for 3 GPUs")])
+def test_local_jobs_beyond_the_gpus_are_refused(gpus_per_node, jobs, device_count, message):
+    from robustprompt.engine.launcher import local_gpu_groups
+
+    with pytest.raises(ConfigError, match=message):
+        local_gpu_groups(gpus_per_node, jobs, device_count)
+
+
+def test_local_jobs_are_submitted_each_with_its_own_gpus(tmp_path, monkeypatch):
+    """On a 4-GPU machine, 1 GPU per job: 4 jobs (round-robin shards 1..4 of 4), CUDA_VISIBLE_DEVICES 0, 1, 2,
+    3 — not every job on GPU 0 (submitit's default)."""
+    pytest.importorskip("submitit")
+    from robustprompt.engine import launcher
+
+    submitted = []
+
+    class Recorder:
+        params: dict = {}
+
+        def update_parameters(self, **kw):
+            self.params = {**self.params, **kw}
+
+        def submit(self, job):
+            submitted.append((job.shard, job.count, tuple(self.params["visible_gpus"])))
+            return job
+
+    monkeypatch.setattr(launcher, "_executor", lambda *a, **k: Recorder())
+    raw = {**TRAIN, "seeds": [1, 2, 3], "launcher": {"gpus_per_node": 1}}
+    launcher.submit_grid(from_dict(ExperimentConfig, raw), "local", tmp_path / "exp", device_count=4)
+    assert submitted == [(1, 4, (0,)), (2, 4, (1,)), (3, 4, (2,)), (4, 4, (3,))]
+
+
+def test_local_launcher_on_several_nodes_is_one_line(tmp_path, capsys):
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(TRAIN))
+    assert main(["run", str(tmp_path / "e.yaml"), "--out", str(tmp_path / "x"), "--launcher", "local",
+                 "--set", "launcher.nodes=2"]) == 2
+    err = capsys.readouterr().err
+    assert "launcher.nodes must be 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

@@ -774,9 +774,10 @@ def build_parser(defaults_in_help: bool = True) -> argparse.ArgumentParser:
                         "or --shards N jobs, as one job array; resources from the config's launcher: section "
                         "(--set launcher.gpus_per_node=1, cpus_per_task, timeout_min, partition, mem_gb, "
                         "array_parallelism, ...); logs in OUT/launcher/. A preempted job is requeued and resumes. "
-                        "local runs the jobs as processes here, waits, then collects")
+                        "local runs the jobs as processes here (one per GPU group, each on its own GPUs), waits, then collects")
     g.add_argument("--shards", type=int, metavar="N", help="with --launcher: N jobs of --shard i/N each "
-                                                          "(default: one job per unit)")
+                                                          "(default: slurm one job per unit; local one per GPU "
+                                                          "group here, one without GPUs)")
     p.set_defaults(func=cmd_run)
 
     p = command("tta", help="a test-time defence (TPT, C-TPT, MTA, R-TPT, A-TPT, TTC, TAPT) under attack")
