@@ -94,6 +94,35 @@ def test_shipped_configs_validate(path):
     assert cfg.grid
 
 
+def _fake_rows(points, seeds):
+    """Summary rows as runs would give them (the numbers are made up: only the table is under test)."""
+    return [{"point": p.key, "target": "fashion_mnist", "seed": s, "method": "advvp", "clean_acc": 50.0 + s,
+             "robust_acc": 10.0 * (i + 1), "n": 20, "threat": {}, "run": f"r{i}{s}", "attack_accs": {}}
+            for i, p in enumerate(points) for s in seeds]
+
+
+def test_summary_names_each_point_s_attack_when_the_grid_varies_it():
+    from robustprompt.engine.experiment import summarize
+
+    cfg = from_dict(ExperimentConfig, {**SMALL, "grid": {"eval.attack.eps": [1, 4]}})
+    points = expand(cfg)
+    md = summarize(_fake_rows(points, cfg.seeds), cfg, {p.key: p.attack for p in points})["markdown"]
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert "attack" in lines[0]
+    assert "ε=1/255" in lines[2] and "ε=4/255" in lines[3] and "under each row's attack" in md
+    same = from_dict(ExperimentConfig, SMALL)          # one attack for every point: named once, no column
+    points = expand(same)
+    md = summarize(_fake_rows(points, same.seeds), same, {p.key: p.attack for p in points})["markdown"]
+    assert "attack" not in md.splitlines()[0] and "under PGD-2 ℓ∞ ε=4/255" in md
+
+
+def test_repeated_seeds_and_labels_are_refused():
+    with pytest.raises(ConfigError, match="seeds must be distinct"):
+        from_dict(ExperimentConfig, {**SMALL, "seeds": [1, 2, 2]})
+    with pytest.raises(ConfigError, match="share the label 'templates=a_photo'"):   # both slug to a_photo
+        expand(from_dict(ExperimentConfig, {**SMALL, "grid": {"train.model.templates": ["a {} photo", "a {}, photo"]}}))
+
+
 def test_bad_experiment_configs():
     with pytest.raises(ConfigError, match="grid key 'data.shots'"):
         expand(from_dict(ExperimentConfig, {**SMALL, "grid": {"data.shots": [1]}}))

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from robustprompt.cli import main
-from robustprompt.config import from_dict
+from robustprompt.config import from_dict, to_dict
 from robustprompt.engine.experiment import ExperimentConfig, collect_experiment, run_experiment
 from robustprompt.engine.grid import (INCOMPLETE_EXIT, LauncherConfig, claim_root_briefly, grid_units,
                                       parse_shard, shard_units)
@@ -160,6 +160,32 @@ def test_the_root_takes_one_experiment_but_any_device(tmp_path):
     with pytest.raises(ConfigError, match="another experiment"):
         claim_root_briefly(root, {"name": "a", "seeds": [2], "device": "cuda:0"})
     assert not (root / ".robustprompt.lock").exists()                              # the lock was let go
+
+
+def test_an_unsharded_run_refuses_a_root_of_another_experiment(tmp_path):
+    """A root holds one experiment whichever way it is run: an unsharded run of another config no longer
+    rewrites experiment.yaml (which --collect trusts to say what the runs in the root are)."""
+    root = tmp_path / "exp"
+    claim_root_briefly(root, to_dict(from_dict(ExperimentConfig, TRAIN)))      # what a shard of TRAIN wrote
+    before = (root / "experiment.yaml").read_text()
+    other = {**TRAIN, "eval": {**TRAIN["eval"], "attack": {"eps": 4, "steps": 10}}}
+    with pytest.raises(ConfigError, match="holds another experiment .*eval"):
+        run_experiment(from_dict(ExperimentConfig, other), root, progress=False)
+    assert (root / "experiment.yaml").read_text() == before
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["experiment.yaml"]
+
+
+def test_an_experiment_file_without_later_defaults_is_the_same_experiment(tmp_path):
+    """experiment.yaml written before a key existed (here: launcher, eval.attack.precision) compares equal to
+    the same config read today, with the defaults filled in."""
+    root = tmp_path / "exp"
+    full = to_dict(from_dict(ExperimentConfig, TRAIN))
+    old = {k: v for k, v in full.items() if k != "launcher"}
+    old["eval"] = {**old["eval"], "attack": {k: v for k, v in old["eval"]["attack"].items() if k != "precision"}}
+    claim_root_briefly(root, old)
+    claim_root_briefly(root, full)                     # accepted: nothing but defaults differs
+    with pytest.raises(ConfigError, match="another experiment"):
+        claim_root_briefly(root, {**full, "seeds": [2]})
 
 
 def test_a_root_held_by_an_unsharded_run_is_refused_after_the_patience(tmp_path):

@@ -19,15 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from ..config import AttackSpec, DataSpec, ModelSpec, from_dict, set_dotted, to_dict
 from ..errors import ConfigError
 from ..paths import atomic_write_text
 from ..report.console import format_table
 from .evaluate import EvalConfig, check_seed, evaluate
-from .grid import (LauncherConfig, claim_root_briefly, collect_units, grid_units, missing_section, read_metrics,
-                   shard_note, shard_units)
+from .grid import (LauncherConfig, check_distinct_labels, claim_root_briefly, collect_units, grid_units,
+                   missing_section, read_metrics, shard_note, shard_units, write_or_check_experiment)
 from .rundir import check_out_dir, experiment_dir
 from .runtime import process_state
 from .train import TrainConfig, train, train_config_from_dict
@@ -76,6 +74,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         for i, seed in enumerate(self.seeds):
             check_seed(seed, f"seeds[{i}]")
+        if len(set(self.seeds)) != len(self.seeds):   # one folder per seed: a repeat would share it
+            raise ConfigError(f"seeds must be distinct, got {self.seeds}")
 
 
 @dataclass
@@ -135,6 +135,7 @@ def expand(cfg: ExperimentConfig, where: str = "config") -> list[Point]:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"{where}: eval targets need distinct names, got {labels}")
         points.append(Point(key, settings, trains, evals, attack))
+    check_distinct_labels([p.key for p in points], where)
     return points
 
 
@@ -201,8 +202,10 @@ def _read_unit(point, seed: int, root: Path, test_time: bool) -> tuple[list[dict
     return rows, len(rows) == len(point.evals)
 
 
-def _summary(rows: list[dict], cfg: ExperimentConfig, test_time: bool) -> dict[str, Any]:
-    return summarize_tta(rows, cfg.name, cfg.seeds) if test_time else summarize(rows, cfg)
+def _summary(rows: list[dict], cfg: ExperimentConfig, test_time: bool, points: list) -> dict[str, Any]:
+    if test_time:
+        return summarize_tta(rows, cfg.name, cfg.seeds)
+    return summarize(rows, cfg, {p.key: p.attack for p in points})
 
 
 def _write_summary(root: Path, summary: dict[str, Any]) -> None:
@@ -240,13 +243,13 @@ def run_experiment(cfg: ExperimentConfig, out: Optional[str | Path] = None, *, p
         return None
     with experiment_dir(root, state, wait_for_lock=wait_for_lock):
         if state.is_main_process:
-            atomic_write_text(root / "experiment.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            write_or_check_experiment(root, to_dict(cfg))
         rows = []
         for unit in units:
             rows += _run_unit(cfg, by_key[unit.point], unit.seed, root, test_time, progress)
         if not state.is_main_process:   # the other processes' evaluations return nothing to summarise
             return None
-        summary = _summary(rows, cfg, test_time)
+        summary = _summary(rows, cfg, test_time, points)
         _write_summary(root, summary)
         return summary
 
@@ -269,7 +272,7 @@ def collect_experiment(cfg: ExperimentConfig, out: Optional[str | Path] = None, 
     claim_root_briefly(root, to_dict(cfg), wait_for_lock=wait_for_lock)   # the same experiment, else refused
     rows, missing = collect_units(units, lambda u: _read_unit(by_key[u.point], u.seed, root, test_time),
                                   command or f"robustprompt run {where} --out {root}")
-    summary = _summary(rows, cfg, test_time)
+    summary = _summary(rows, cfg, test_time, points)
     if missing:
         summary["missing"] = missing
         summary["markdown"] += "\n" + missing_section(missing, len(units))
@@ -282,7 +285,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(rows: list[dict], cfg: ExperimentConfig) -> dict[str, Any]:
+def summarize(rows: list[dict], cfg: ExperimentConfig,
+              attacks: Optional[dict[str, AttackSpec]] = None) -> dict[str, Any]:
+    """Mean ± std over seeds per (grid point, target). `attacks`: each point's attack (the grid may
+    vary eval.attack.*; default: cfg.eval.attack for every point) — one attack is named in the
+    caption, several get a column."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["point"], r["target"]), []).append(r)
@@ -295,13 +302,20 @@ def summarize(rows: list[dict], cfg: ExperimentConfig) -> dict[str, Any]:
                     "clean_mean": c, "clean_std": cs, "robust_mean": a, "robust_std": as_,
                     "attacks": {k: {"mean": mu, "std": sd} for k, (mu, sd) in per_attack.items()},
                     "n": rs[0]["n"], "threat": rs[0]["threat"], "runs": [r["run"] for r in rs]})
-    table_rows = [[g["point"], g["target"], f"{g['clean_mean']:.2f} ± {g['clean_std']:.2f}",
-                   f"{g['robust_mean']:.2f} ± {g['robust_std']:.2f}"] for g in agg]
+    def named(point: str) -> str:
+        first = (attacks or {}).get(point, cfg.eval.attack)
+        return " and ".join(a.threat().short() for a in [first, *cfg.eval.also])
+
+    names = [named(g["point"]) for g in agg]
+    one = len(set(names)) <= 1
+    table_rows = [[g["point"], g["target"], *([] if one else [name]), f"{g['clean_mean']:.2f} ± {g['clean_std']:.2f}",
+                   f"{g['robust_mean']:.2f} ± {g['robust_std']:.2f}"] for g, name in zip(agg, names)]
     threat = agg[0]["threat"] if agg else {}
-    attacks = " and ".join(a.threat().short() for a in [cfg.eval.attack, *cfg.eval.also])
     worst = ", worst case per image" if cfg.eval.also else ""
-    caption = f"Mean ± sample std over seeds {cfg.seeds}. Robust accuracy under {attacks}{worst} (float32)."
-    md = format_table(["setting", "evaluated on", "clean", "robust"], table_rows) + f"\n\n{caption}\n"
+    under = f"under {names[0] if names else named('')}" if one else "under each row's attack"
+    caption = f"Mean ± sample std over seeds {cfg.seeds}. Robust accuracy {under}{worst} (float32)."
+    header = ["setting", "evaluated on", *([] if one else ["attack"]), "clean", "robust"]
+    md = format_table(header, table_rows) + f"\n\n{caption}\n"
     return {"name": cfg.name, "rows": rows, "aggregate": agg, "threat": threat, "markdown": md}
 
 

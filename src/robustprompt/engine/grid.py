@@ -95,6 +95,14 @@ def grid_units(point_keys: Iterable[str], seeds: Iterable[int]) -> list[Unit]:
             enumerate((k, s) for k in point_keys for s in seeds)]
 
 
+def check_distinct_labels(labels: list[str], where: str) -> None:
+    """Each grid point owns the run folder named by its label: two points with one label would share it."""
+    dup = next((k for k in labels if labels.count(k) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"{where}: two grid points share the label {dup!r} (each needs its own run folder); "
+                          f"give grid entries distinct names")
+
+
 def parse_shard(text: str, environ: Optional[Mapping[str, str]] = None) -> tuple[int, int]:
     """'i/N' (1-based, 1 ≤ i ≤ N) → (i, N); 'slurm' → this task's place in its Slurm job array
     (see `slurm_array_shard`); anything else is a one-line ConfigError."""
@@ -139,11 +147,21 @@ def shard_units(units: list[Unit], shard: int, count: int) -> list[Unit]:
 
 
 def _comparable(experiment: dict) -> dict:
+    """The experiment with every default filled in (a file written before a key existed still
+    compares equal), less what may differ between shards."""
+    from ..config import from_dict, to_dict
+    from .experiment import ExperimentConfig
+
+    try:
+        experiment = to_dict(from_dict(ExperimentConfig, experiment))
+    except (ConfigError, TypeError, ValueError):
+        pass   # not a valid experiment now: compared as written
     return {k: v for k, v in experiment.items() if k not in _PER_SHARD_KEYS}
 
 
-def _write_or_check_experiment(root: Path, experiment: dict) -> None:
-    """experiment.yaml: written if absent; if present it must describe the same experiment."""
+def write_or_check_experiment(root: Path, experiment: dict) -> None:
+    """experiment.yaml: written if absent; if present it must describe the same experiment (a root
+    holds one experiment, so `--collect` can trust that every run in it belongs to the config)."""
     file = root / "experiment.yaml"
     if file.exists():
         try:
@@ -154,8 +172,8 @@ def _write_or_check_experiment(root: Path, experiment: dict) -> None:
             return
         if isinstance(old, dict):
             diff = _first_difference(_comparable(old), _comparable(experiment))
-            raise ConfigError(f"{str(root)[:200]} holds another experiment ({diff}); the shards of one grid "
-                              "share one config — choose another --out")
+            raise ConfigError(f"{str(root)[:200]} holds another experiment ({diff}); one folder holds one "
+                              "experiment (its shards share one config) — choose another --out")
     atomic_write_text(file, yaml.safe_dump(experiment, sort_keys=False))
 
 
@@ -179,7 +197,7 @@ def claim_root_briefly(root: Path, experiment: dict, state=None, *, wait_for_loc
         try:
             if status != "marked":
                 _write_marker(root, "experiment", None)
-            _write_or_check_experiment(root, experiment)
+            write_or_check_experiment(root, experiment)
         finally:
             lock.release()
 

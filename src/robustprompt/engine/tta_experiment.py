@@ -21,6 +21,7 @@ from ..config import from_dict, set_dotted
 from ..errors import ConfigError
 from ..report.console import format_table
 from ..tta.procedures import build_procedure, procedure_class
+from .grid import check_distinct_labels
 from .tta import TTAConfig, resolve_augmix, run_tta
 
 
@@ -75,11 +76,7 @@ def expand_tta(tta: dict, grid: dict, seeds: list[int], device: str, where: str 
             cls = procedure_class(first.method.name)
             from_dict(cls.Params, params, f"{where} [{key}]: tta.method.params ({cls.name})")
         points.append(TTAPoint(key, settings, configs))
-    labels = [p.key for p in points]
-    if len(set(labels)) != len(labels):
-        dup = next(k for k in labels if labels.count(k) > 1)
-        raise ConfigError(f"{where}: two grid points share the label {dup!r} (each needs its own run folder); "
-                          f"give grid entries distinct names")
+    check_distinct_labels([p.key for p in points], where)
     return points
 
 
