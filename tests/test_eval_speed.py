@@ -48,6 +48,28 @@ def test_forced_compile_failure_falls_back_to_eager_with_one_warning(tiny_clf, t
     assert rec["enabled"] and not rec["active"] and "no compiler here" in rec["fallback"]
 
 
+def test_a_failing_backward_compile_falls_back_before_the_attack_s_gradient(tiny_clf, tiny_images, caplog):
+    """The backward graph compiles lazily, at the first backward: without the probe its failure would be
+    raised inside the attack's autograd.grad. A backend whose forward compiles and backward does not:
+    PGD still runs (eager after one warning) and gives the eager attack's examples exactly."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from robustprompt.attacks.pgd import pgd
+
+    def broken_backward(gm, example_inputs):
+        raise RuntimeError("backward compiler broken (forced by the test)")
+
+    backend = aot_autograd(fw_compiler=lambda gm, ex: gm.forward, bw_compiler=broken_backward)
+    model = CompiledAttackModel(tiny_clf, backend=backend)
+    y = torch.arange(len(tiny_images)) % 3
+    kw = dict(eps=4 / 255, alpha=1 / 255, steps=2, random_start=False)
+    with caplog.at_level(logging.WARNING, logger="robustprompt"):
+        got = pgd(model, tiny_images, y, **kw)
+    assert not model.active and "backward compiler broken" in model.fallback_reason
+    assert sum("torch.compile" in r.getMessage() for r in caplog.records) == 1
+    torch.testing.assert_close(got, pgd(tiny_clf, tiny_images, y, **kw), rtol=0, atol=0)
+
+
 def test_fallback_keeps_genuine_input_errors(tiny_clf):
     """A wrong image size still ends in the classifier's own error, not a silent fallback result."""
     from robustprompt.errors import ModelError

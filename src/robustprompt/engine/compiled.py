@@ -12,6 +12,10 @@ inductor, an op dynamo cannot trace, an unsupported backend. Any exception from 
 except running out of memory (re-raised: a batch too large is no compiler failure)
 switches the wrapper to eager for good, with one logged warning; the eager forward then runs on
 the same input, so a genuine input error (a wrong image size) is still raised, by eager code.
+The backward graph is compiled lazily too, at the first backward — inside the attack's own
+`autograd.grad`, where no fallback could catch it — so the first call at each new input shape
+runs one forward + backward of its own on a detached copy (with grad mode on), which compiles
+both graphs here.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class CompiledAttackModel(nn.Module):
         # dynamic=None: one graph per batch shape at first, a dynamic one once a second shape
         # (the last, smaller batch) shows up; no recompilation for every new batch size
         self._compiled = torch.compile(self._image_features, backend=backend, mode=mode)
+        self._probed: set[tuple] = set()   # input shapes (and dtype) whose forward and backward compiled
 
     def _image_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.clf.encode_image(x)[0]
@@ -52,12 +57,24 @@ class CompiledAttackModel(nn.Module):
         """B×D normalised image features: compiled while that works, eager after a failure."""
         if self.active:
             try:
+                self._probe(x)
                 return self._compiled(x)
             except Exception as exc:   # noqa: BLE001 — any compile failure means: run eager
                 if is_oom(exc):   # a batch too large is not a compiler problem: eager would not fit either
                     raise
                 self._fall_back(exc)
         return self._image_features(x)
+
+    def _probe(self, x: torch.Tensor) -> None:
+        """Compile the forward and the backward for x's shape now (one extra step per shape and
+        arithmetic); without grad mode no backward will follow, and nothing is probed."""
+        key = (tuple(x.shape), x.dtype, torch.is_autocast_enabled(x.device.type))
+        if not torch.is_grad_enabled() or key in self._probed:
+            return
+        copy = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            torch.autograd.grad(self._compiled(copy).float().sum(), copy)
+        self._probed.add(key)
 
     def _fall_back(self, exc: BaseException) -> None:
         self.active = False
