@@ -204,6 +204,22 @@ def test_text_features_cached_until_prompts_change(tiny_backbone, tiny_images):
     assert c.n == 4
 
 
+def test_text_cache_filled_under_autocast_stays_full_precision(tiny_backbone, tiny_images):
+    """A bf16 clean pass (eval --precision bf16) may be the first to ask for the text features; the
+    cache outlives it and fp32 attacks read it, so it must hold the fp32 features, not bf16-rounded ones."""
+    reference = PromptedClassifier(tiny_backbone, ["a", "b", "c"])
+    with torch.no_grad():
+        fp32 = reference.encode_text()[0]
+    clf = PromptedClassifier(tiny_backbone, ["a", "b", "c"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        clf(tiny_images)                                  # fills the cache under autocast
+    cached = clf.text_features()
+    assert cached.dtype == torch.float32
+    torch.testing.assert_close(cached, fp32, rtol=0, atol=0)
+    with torch.no_grad(), clf.static_text(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert clf.text_features().dtype == torch.float32
+
+
 def test_bad_inputs_raise_clear_errors(tiny_backbone):
     with pytest.raises(ConfigError, match="coupling"):
         PromptConfig(coupling="maple")

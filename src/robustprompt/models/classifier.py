@@ -1,7 +1,7 @@
 """Images in [0,1] → logits over class names, with CLIP's normalisation inside the model."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -192,7 +192,11 @@ class PromptedClassifier(nn.Module):
             return self.encode_text()[0]
         key = self._text_key()
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+            # cached in full precision even when first asked for under autocast (a bf16 clean pass):
+            # the cache outlives the autocast block, and fp32 attacks and scoring read it afterwards
+            kind = self.tokens.device.type
+            full = torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else nullcontext()
+            with torch.no_grad(), full:
                 self._cache = (key, self.encode_text()[0])
         return self._cache[1]
 
