@@ -169,6 +169,39 @@ def test_tta_run_directory_and_non_adaptive_attack(tmp_path):
     assert m["base_robust_acc"] == ev["robust_acc"]
 
 
+def test_autoattack_chunks_are_defended_batch_size_images_at_a_time(tmp_path, monkeypatch):
+    """With AutoAttack a batch is one whole chunk (6 images here); the defence and the adaptive attack
+    still take data.batch_size (2) at a time, and every image is recorded. The attacks are stubbed:
+    only the batching is under test."""
+    import robustprompt.tta.adaptive as adaptive_module
+    from robustprompt.attacks.threat import ThreatModel
+    from robustprompt.tta.procedures import procedure_class
+
+    attacked, defended, adapted = [], [], []
+
+    def fake_threat_run(self, model, x, y, **kw):
+        attacked.append(len(x))
+        return x.clone()
+
+    def fake_adaptive(procedure, clf, x, y, *, start, **kw):
+        adapted.append(len(x))
+        return start
+
+    cls = procedure_class("tpt")
+    original = cls.run
+    monkeypatch.setattr(ThreatModel, "run", fake_threat_run)
+    monkeypatch.setattr(adaptive_module, "adaptive_attack", fake_adaptive)
+    monkeypatch.setattr(cls, "run", lambda self, clf, images, seeds, **kw: (
+        defended.append(len(images)), original(self, clf, images, seeds, **kw))[1])
+    cfg = _cfg(data=DataSpec(dataset="fashion_mnist", subset=6, batch_size=2), method=TTAMethodSpec("tpt", SMALL),
+               attack=AttackSpec(attack="autoattack", eps=8, aa_chunk=6), adaptive=["known"])
+    m = run_tta(cfg, tmp_path / "tta", progress=False)
+    assert attacked == [6]                        # AutoAttack: the whole chunk in one run
+    assert defended and max(defended) == 2 and sum(defended) == 6 * 3   # clean, non-adaptive, adaptive
+    assert adapted == [2, 2, 2]
+    assert m["n"] == 6
+
+
 @pytest.mark.slow
 def test_adaptive_attack_is_at_least_as_strong(tmp_path):
     plain = run_tta(_cfg(), tmp_path / "plain", progress=False)
@@ -190,7 +223,7 @@ def test_worst_case_per_image_over_the_attacks(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_attack(procedure, clf, x, y, *, eps, norm, spec, attack_seeds, view_seeds=None, start=None):
+    def fake_attack(procedure, clf, x, y, *, eps, norm, spec, attack_seeds, view_seeds=None, start=None, chunk=None):
         calls.append(view_seeds)
         # "known" returns a heavily perturbed image, "secret" returns the non-adaptive start
         return start if view_seeds is None else (x + eps * torch.sign(torch.randn_like(x))).clamp(0, 1)

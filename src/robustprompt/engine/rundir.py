@@ -54,7 +54,7 @@ KINDS = (*RUN_KINDS, "experiment")
 # Keys that change how fast a run goes, not what it computes; they may differ on resume.
 # eval/tta records are per image and do not depend on batching (tests/test_rundir_safety.py);
 # training's data order, augmentation and gradient averaging do, so only device and progress.
-RUNTIME_KEYS = ("device", "data.workers", "data.batch_size", "progress")
+RUNTIME_KEYS = ("device", "data.workers", "data.batch_size", "progress", "adaptive_attack.chunk")
 TRAIN_RUNTIME_KEYS = ("device", "progress")
 
 # Identity keys added with the marker: a directory written before them lacks them entirely.

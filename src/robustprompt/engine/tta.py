@@ -119,8 +119,16 @@ class AdaptiveSpec:
     restarts: Optional[int] = None   # None: the procedure's own (TTAProcedure.adaptive_restarts; 1, TTC 2)
     schedule: str = "apgd"      # apgd | pgd
     through_update: bool = True
+    # EOT draws per batched call of the defence (memory only: not in the run identity). None: all
+    # at once on a CPU, one at a time on an accelerator, where B images × EOT-16 × 64 views with
+    # the second-order graph would not fit (ViT-B/16: ~120 MB of activations per image-draw)
+    chunk: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int)
+                                       or self.chunk < 1):
+            raise ConfigError(f"adaptive_attack.chunk must be a whole number ≥ 1 (EOT draws per call) or null, "
+                              f"got {self.chunk!r}")
         if self.steps < 1 or self.eot < 1 or (self.restarts is not None and self.restarts < 1):
             raise ConfigError(f"adaptive_attack needs steps, eot and restarts >= 1 "
                               f"(got {self.steps}, {self.eot}, {self.restarts})")
@@ -279,9 +287,21 @@ def _run_tta(cfg: TTAConfig, run: RunDir, state, device, task: Task, procedure, 
     t_start = time.time()
 
     adaptive = cfg.adaptive_attack.build() if cfg.randomness_modes else None
+    eot_chunk = cfg.adaptive_attack.chunk or (None if device.type == "cpu" else 1)
 
     def quantised(x_adv: torch.Tensor) -> torch.Tensor:
         return torch.round(x_adv * 255) / 255 if cfg.quantize_adv else x_adv
+
+    part = cfg.data.batch_size
+
+    def parts(n: int) -> list[slice]:
+        """A batch is one AutoAttack chunk (64 images) when the attack is AutoAttack; the defence
+        and the adaptive attacks still take data.batch_size images at a time (memory)."""
+        return [slice(i, min(i + part, n)) for i in range(0, n, part)]
+
+    def defend(x: torch.Tensor, view_seeds: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([procedure.run(clf, x[s], view_seeds[s]).argmax(1) for s in parts(len(x))])
 
     def process(x: torch.Tensor, y: torch.Tensor, idx: list[int]) -> list[dict]:
         attack_seeds = [image_seed(cfg.seed, i) for i in idx]
@@ -289,22 +309,21 @@ def _run_tta(cfg: TTAConfig, run: RunDir, state, device, task: Task, procedure, 
         view_seeds = [image_seed(cfg.view_seed, i) for i in idx]
         with torch.no_grad():
             base_clean = clf(x).argmax(1)
-            defended_clean = procedure.run(clf, x, view_seeds).argmax(1)
+        defended_clean = defend(x, view_seeds)
         x_non = quantised(threat.run(attacker, x, y, seeds=attack_seeds, seed=cfg.seed))   # before any adaptation
-        examples, preds = {}, {}
-        with torch.no_grad():
-            examples["nonadaptive"], preds["nonadaptive"] = x_non, procedure.run(clf, x_non, view_seeds).argmax(1)
+        examples, preds = {"nonadaptive": x_non}, {"nonadaptive": defend(x_non, view_seeds)}
         for mode in cfg.randomness_modes:
             if threat.is_clean:
                 x_a = x_non
             else:
                 from ..tta.adaptive import adaptive_attack
 
-                x_a = quantised(adaptive_attack(procedure, clf, x, y, eps=threat.eps, norm=threat.norm, spec=adaptive,
-                                                attack_seeds=[image_seed(cfg.seed + 2, i) for i in idx],
-                                                view_seeds=view_seeds if mode == "known" else None, start=x_non))
-            with torch.no_grad():
-                examples[f"adaptive_{mode}"], preds[f"adaptive_{mode}"] = x_a, procedure.run(clf, x_a, view_seeds).argmax(1)
+                adaptive_seeds = [image_seed(cfg.seed + 2, i) for i in idx]
+                x_a = quantised(torch.cat([adaptive_attack(
+                    procedure, clf, x[s], y[s], eps=threat.eps, norm=threat.norm, spec=adaptive,
+                    attack_seeds=adaptive_seeds[s], view_seeds=view_seeds[s] if mode == "known" else None,
+                    start=x_non[s], chunk=eot_chunk) for s in parts(len(x))]))
+            examples[f"adaptive_{mode}"], preds[f"adaptive_{mode}"] = x_a, defend(x_a, view_seeds)
         # worst case per image: the first attack (in order) that fools the defence, else the last one
         keys = list(examples)
         x_adv, defended_adv = examples[keys[-1]].clone(), preds[keys[-1]].clone()
@@ -360,5 +379,7 @@ def _run_tta(cfg: TTAConfig, run: RunDir, state, device, task: Task, procedure, 
     }
     if compile:   # recorded only when asked, so runs without it keep the record they always had
         metrics["environment"]["compile"] = compile_record(attacker)
+        if cfg.randomness_modes:
+            metrics["environment"]["eot_chunk"] = eot_chunk or cfg.adaptive_attack.eot
     run.finalize(records, metrics)
     return metrics
