@@ -39,12 +39,13 @@ from robustprompt.engine.autobatch import is_oom
 from robustprompt.engine.compiled import CompiledAttackModel
 from robustprompt.models import PromptedClassifier, load_backbone
 
-# dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets; matched by
-# substring of torch.cuda.get_device_name(), first match wins (so "H100 PCIe" before "H100")
+# dense (no sparsity) bf16 tensor-core peaks with fp32 accumulation, TFLOP/s, from the vendors'
+# datasheets; matched by substring of torch.cuda.get_device_name(), first match wins (so "H100 PCIe"
+# before "H100"; GH200 matches "H200")
 PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200 NVL", 835.0), ("H200", 989.0),
     ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
-    ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
+    ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 35.6),
 )
 PGD100_IMAGENET_STEPS = 100 * 50_000
 
@@ -105,21 +106,25 @@ def time_step(step: Callable[[], None], device: torch.device, warmup: int, iters
 
 
 def flops_per_image_step(clf: PromptedClassifier, device: torch.device) -> float:
-    """FLOPs of one image's PGD step (batch 2, halved), counted by torch's FlopCounterMode."""
+    """FLOPs of one image's PGD step (batch 2, halved), counted by torch's FlopCounterMode with
+    attention on the math kernel: the counter has no formula for the CPU's fused attention kernel
+    (it would count attention as 0), and the math kernel does the same matmuls as any fused one."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.rand(2, 3, clf.image_size, clf.image_size, device=device)
     y = torch.zeros(2, dtype=torch.long, device=device)
     step = make_step(clf, x, y, bf16=False)
-    with clf.static_text(), FlopCounterMode(display=False) as counter:
+    with clf.static_text(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops() / 2
 
 
 def formula_flops(clf: PromptedClassifier) -> Optional[float]:
     """The stated formula, for ViTs: forward = patch embedding 2·P·(3p²)·C + per block
-    (24·N·C² + 4·N²·C), N = P + 1 tokens; a step ≈ 2 × forward (the backward w.r.t. the input
-    costs one matmul per forward matmul, no weight gradients)."""
+    (24·N·C² linear + 4·N²·C attention), N = P + 1 tokens. The backward w.r.t. the input costs one
+    matmul per weight matmul (no weight gradients) but two per attention matmul (both of QKᵀ's and
+    of A·V's operands depend on the input): a step = 2 × linear + 3 × attention."""
     v = clf.model.clip.visual
     if not hasattr(v, "conv1") or not hasattr(v, "transformer"):
         return None
@@ -128,8 +133,9 @@ def formula_flops(clf: PromptedClassifier) -> Optional[float]:
     p = v.conv1.kernel_size[0]
     P = (clf.image_size // p) ** 2
     N = P + 1
-    fwd = 2 * P * 3 * p * p * C + L * (24 * N * C * C + 4 * N * N * C)
-    return 2.0 * fwd
+    linear = 2 * P * 3 * p * p * C + L * 24 * N * C * C
+    attention = L * 4 * N * N * C
+    return 2.0 * linear + 3.0 * attention
 
 
 def cuda_batches(start: int, cap: int) -> list[int]:
@@ -242,19 +248,26 @@ def ratios(rows: list[Row]) -> None:
                   f"{rate[(m, a, mode, bs[-1])] / rate[(m, a, mode, bs[0])]:.2f}× image-steps/s")
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16", "demo"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="CPU batch sizes")
-    ap.add_argument("--start-batch", type=int, default=32, help="CUDA: first batch size, then doubling")
-    ap.add_argument("--max-batch", type=int, default=4096, help="CUDA: stop doubling here (or at OOM)")
+    ap.add_argument("--batches", type=positive, nargs="+", default=[1, 4, 16], help="CPU batch sizes")
+    ap.add_argument("--start-batch", type=positive, default=32, help="CUDA: first batch size, then doubling")
+    ap.add_argument("--max-batch", type=positive, default=4096, help="CUDA: stop doubling here (or at OOM)")
     ap.add_argument("--ariths", nargs="+", default=["fp32", "tf32", "bf16"], choices=["fp32", "tf32", "bf16"],
                     help="arithmetic (tf32 only on CUDA)")
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
-    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--classes", type=positive, default=1000)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5, help="timed steps per row (the best is reported)")
+    ap.add_argument("--iters", type=positive, default=5, help="timed steps per row (the best is reported)")
     ap.add_argument("--quick", action="store_true",
                     help="a CPU run of about 5 minutes on 2 idle cores (7.7 CPU-minutes measured): ViT-B-32 and demo, "
                          "batches 2 8, 2 warm-up, best of 3 steps")
@@ -262,7 +275,18 @@ def main() -> None:
     if args.quick:
         args.models = [m for m in args.models if m != "ViT-B-16"]
         args.batches, args.warmup, args.iters = [2, 8], 2, 3
-    device = torch.device(args.device)
+    if args.warmup < 0:
+        ap.error(f"--warmup must be ≥ 0, got {args.warmup}")
+    if args.max_batch < args.start_batch:
+        ap.error(f"--max-batch {args.max_batch} is below --start-batch {args.start_batch}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device!r}: not a device (cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    if device.type != "cuda" and set(args.ariths) <= {"tf32"}:
+        ap.error("--ariths tf32 is a CUDA switch: on a CPU choose fp32 and/or bf16")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({platform.processor() or platform.machine()})"
     rows, flops, formula = [], {}, {}
