@@ -15,8 +15,8 @@ from robustprompt.models import PromptConfig, PromptedClassifier, load_backbone
 from robustprompt.models.trace import TraceSpec
 from robustprompt.tta.procedures import build_procedure, list_procedures
 from robustprompt.tta.tapt import TAPT_PROMPT, alignment_loss, tapt_alignment, view_moments
-from robustprompt.tta.token_stats import (TokenStats, backbone_hash, compute_token_stats, load_token_stats,
-                                          save_token_stats)
+from robustprompt.tta.token_stats import (TokenStats, backbone_hash, check_stats_for, compute_token_stats,
+                                          load_token_stats, save_token_stats)
 
 from finite_diff import DirectionalCheck
 
@@ -125,6 +125,33 @@ def test_file_round_trip_and_refusal_for_another_backbone(clf, stats, tmp_path):
         load_token_stats(path, other)
     msg = str(err.value)
     assert backbone_hash(clf) in msg and backbone_hash(other) in msg and "\n" not in msg
+
+
+def test_statistics_of_another_activation_are_refused(clf, stats):
+    """The same weights with and without QuickGELU share a weight hash but are two networks."""
+    other = copy.copy(stats)
+    other.meta = {**stats.meta, "backbone": {**stats.meta["backbone"], "quick_gelu": True}}
+    assert not clf.backbone_info.get("quick_gelu")
+    with pytest.raises(ConfigError, match="quick_gelu=True"):
+        check_stats_for(other, clf)
+    check_stats_for(stats, clf)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "rp-tiny"], "no --dataset given"),                               # the demo's 28-px data, silently
+    (["--attack", "autoattack"], "AutoAttack is not supported"),
+    (["--seed", str(2 ** 70)], "seed"),
+    (["--out", "MISSING/stats.safetensors"], "cannot write in"),
+])
+def test_tta_stats_refuses_in_one_line_before_any_work(extra, message, tmp_path, capsys):
+    from robustprompt.cli import main
+
+    args = ["tta-stats", "--no-progress", "--out", str(tmp_path / "s.safetensors"), *extra]
+    args = [a.replace("MISSING", str(tmp_path / "missing")) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_bad_files_are_refused(tmp_path):

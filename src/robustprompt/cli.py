@@ -485,8 +485,7 @@ def cmd_tta_stats(args: argparse.Namespace) -> int:
     warn_pixel_units(args.eps, (raw.get("attack") or {}).get("norm"))
     apply_sets(raw, args.set_items, TokenStatsConfig)
     cfg = from_dict(TokenStatsConfig, raw, args.config or "config")
-    if args.print_config:
-        print_config(cfg)
+    if resolved_only(raw, cfg, args, "tta-stats"):
         return 0
     meta = run_token_stats(cfg, args.out, progress=not args.no_progress)
     print(f"token statistics of {meta['n']} images ({meta['dataset']}, clean and {meta['threat'].get('attack')}) "

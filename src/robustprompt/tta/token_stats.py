@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -206,6 +207,11 @@ def check_stats_for(stats: TokenStats, clf: PromptedClassifier, where: str = "th
     if recorded != actual:
         raise ConfigError(f"{where[:200]} was computed for backbone {recorded}, but this model's backbone is {actual}; "
                           "compute statistics for it with `robustprompt tta-stats`")
+    # the same weights with and without QuickGELU are two networks with one weight hash
+    gelu = (stats.meta.get("backbone") or {}).get("quick_gelu")
+    if gelu is not None and bool(gelu) != bool(clf.backbone_info.get("quick_gelu")):
+        raise ConfigError(f"{where[:200]} was computed with quick_gelu={bool(gelu)}, this model runs with "
+                          f"quick_gelu={bool(clf.backbone_info.get('quick_gelu'))}: pass the same --quick-gelu to both")
     blocks, shape = len(clf.model.vision_blocks), stats.clean_mean.shape
     if shape[0] != blocks:
         raise ConfigError(f"{where[:200]} has statistics for {shape[0]} blocks, the image tower has {blocks}")
@@ -224,6 +230,19 @@ class TokenStatsConfig:
     attack: AttackSpec = field(default_factory=lambda: AttackSpec(attack="pgd", eps=1.0, alpha=1.0, steps=100))
     seed: int = 0
     device: str = "auto"
+    tf32: bool = False   # as `robustprompt tta`: the statistics and the runs using them share arithmetic
+
+    def __post_init__(self) -> None:
+        from ..engine.evaluate import check_seed, check_tf32
+
+        check_seed(self.seed, "seed")
+        check_tf32(self.tf32)
+        if self.attack.attack == "autoattack":   # its chunks would make the statistics depend on batch size
+            raise ConfigError("tta-stats computes TAPT's statistics under PGD (its released configs' threat model); "
+                              "AutoAttack is not supported here")
+
+    def omitted_fields(self) -> tuple[str, ...]:
+        return () if self.tf32 else ("tf32",)
 
 
 def tapt_model_spec(spec: ModelSpec) -> ModelSpec:
@@ -242,9 +261,15 @@ def run_token_stats(cfg: TokenStatsConfig, out: str | Path, *, progress: bool = 
     from ..engine.evaluate import image_seed
     from ..engine.tasks import load_task
 
+    from ..engine.runtime import set_tf32
+
     if Path(out).is_dir():
         raise ConfigError(f"--out {str(out)[:200]} is a folder; give a file name, e.g. stats.safetensors")
+    folder = Path(out).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):   # before the attack pass, not after it
+        raise ConfigError(f"--out {str(out)[:200]}: cannot write in {str(folder)[:200]} (missing or read-only)")
     device = resolve_device(cfg.device)
+    set_tf32(cfg.tf32)
     task = load_task(cfg.data)
     spec = tapt_model_spec(cfg.model)
     # an untrained prompt's random vision tokens are part of what the file records: drawn from the
@@ -269,7 +294,7 @@ def run_token_stats(cfg: TokenStatsConfig, out: str | Path, *, progress: bool = 
             yield x, y, [image_seed(cfg.seed, i) for i in idx]
 
     stats = compute_token_stats(clf, batches(), cfg.attack, seed=cfg.seed)
-    stats.meta.update({"dataset": cfg.data.dataset, "split": cfg.data.split, "subset": cfg.data.subset,
+    stats.meta.update({"tf32": cfg.tf32, "dataset": cfg.data.dataset, "split": cfg.data.split, "subset": cfg.data.subset,
                        "subset_seed": cfg.data.subset_seed, "model": {"name": spec.name, "run": spec.run,
                                                                       "pretrained": spec.pretrained}})
     sha = save_token_stats(stats, out)
