@@ -292,6 +292,40 @@ def test_cli_compile_and_auto_batch_change_no_result(tmp_path, monkeypatch):
     assert "compile" not in env_plain and "batch_size" not in env_plain
 
 
+@pytest.mark.parametrize("attack, also, probed", [
+    ({"precision": "bf16"}, [], ["bf16"]),
+    ({"precision": "bf16"}, [{"attack": "fgsm", "eps": 4}], ["fp32"]),      # an fp32 attack must fit as well
+    ({"attack": "autoattack", "eps": 4, "aa_chunk": 4}, [], []),            # every batch is one chunk
+])
+def test_auto_batch_probes_the_widest_arithmetic_and_not_under_autoattack(attack, also, probed, tmp_path,
+                                                                          monkeypatch, caplog):
+    import logging
+
+    import robustprompt.engine.autobatch as autobatch
+    from robustprompt.attacks.threat import ThreatModel
+    from robustprompt.config import AttackSpec, DataSpec, ModelSpec
+    from robustprompt.engine.autobatch import BatchProbe
+    from robustprompt.engine.evaluate import EvalConfig, evaluate
+
+    calls = []
+
+    def fake_probe(model, image_size, n_classes, device, precision="fp32", **kw):
+        calls.append(precision)
+        return BatchProbe(batch=2, largest_ok=2, first_oom=None, rule="test")
+
+    monkeypatch.setattr(autobatch, "auto_batch_size", fake_probe)
+    monkeypatch.setattr(ThreatModel, "run", lambda self, model, x, y, **kw: x.clone())   # only batching is tested
+    root = _imagefolder(tmp_path)
+    cfg = EvalConfig(model=ModelSpec(name="rp-tiny"), data=DataSpec(dataset=f"imagefolder:{root}"),
+                     attack=AttackSpec(**{"eps": 4, "steps": 1, **attack}), also=[AttackSpec(**a) for a in also],
+                     device="cpu")
+    with caplog.at_level(logging.WARNING, logger="robustprompt"):
+        m = evaluate(cfg, tmp_path / "run", progress=False, auto_batch=True)
+    assert calls == probed
+    assert ("batch_size" in m["environment"]) == bool(probed)
+    assert ("no batch size is probed" in caplog.text) == (not probed)
+
+
 def test_cli_bad_batch_size_is_one_line(capsys):
     from robustprompt.cli import main
 

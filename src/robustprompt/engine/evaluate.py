@@ -6,6 +6,7 @@ attack's own accuracy, and each record keeps every attack's prediction (`adv_pre
 """
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .rundir import RunDir, check_out_dir, config_hash
 from .sharded import aa_chunk, run_per_image
 from .tasks import Task, load_task, method_of
 
+log = logging.getLogger("robustprompt")
 
 
 @dataclass
@@ -183,9 +185,15 @@ def _evaluate(cfg: EvalConfig, run: RunDir, state, device, task: Task, progress:
     threats = cfg.threats()
     attacker = attack_model(clf, compile)   # the model the attacks call; clean and judging forwards stay eager
     batch_size, probe = cfg.data.batch_size, None
-    if auto_batch:
-        probe = auto_batch_size(clf, clf.image_size, len(task.dataset.classnames), device,
-                                threat.precision)
+    chunk = aa_chunk(threats.values())
+    if auto_batch and chunk is not None:   # every batch is one AutoAttack chunk: nothing to choose
+        log.warning("--batch-size auto: with AutoAttack every batch is one chunk of %d images (aa_chunk); "
+                    "no batch size is probed", chunk)
+    elif auto_batch:
+        # the widest arithmetic any attack uses: an fp32 attack beside a bf16 one must fit too
+        attacking = [t for t in threats.values() if not t.is_clean]
+        precision = "bf16" if attacking and all(t.precision == "bf16" for t in attacking) else "fp32"
+        probe = auto_batch_size(clf, clf.image_size, len(task.dataset.classnames), device, precision)
         batch_size = probe.batch
     transform = task.transform(clf)   # the backbone's preprocessing unless data.resize_mode forces one
     t_start = time.time()
@@ -212,7 +220,7 @@ def _evaluate(cfg: EvalConfig, run: RunDir, state, device, task: Task, progress:
 
     records = run_per_image(run, state, task.split, task.indices, transform, process,
                             batch_size=batch_size, workers=cfg.data.workers,
-                            chunk=aa_chunk(threats.values()),
+                            chunk=chunk,
                             desc=f"eval {cfg.data.dataset} {threat.short()}"
                                  + (f" + {len(threats) - 1} more" if len(threats) > 1 else ""), progress=progress)
     if records is None:
