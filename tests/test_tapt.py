@@ -141,17 +141,18 @@ def test_statistics_of_another_activation_are_refused(clf, stats):
     (["--model", "rp-tiny"], "no --dataset given"),                               # the demo's 28-px data, silently
     (["--attack", "autoattack"], "AutoAttack is not supported"),
     (["--seed", str(2 ** 70)], "seed"),
-    (["--out", "MISSING/stats.safetensors"], "cannot write in"),
+    (["--out", "FILE/stats.safetensors"], "cannot create"),                  # a file where its folder would be
 ])
 def test_tta_stats_refuses_in_one_line_before_any_work(extra, message, tmp_path, capsys):
     from robustprompt.cli import main
 
     args = ["tta-stats", "--no-progress", "--out", str(tmp_path / "s.safetensors"), *extra]
-    args = [a.replace("MISSING", str(tmp_path / "missing")) for a in args]
+    (tmp_path / "file").write_text("")
+    args = [a.replace("FILE", str(tmp_path / "file")) for a in args]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
-    assert not any(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
 def test_bad_files_are_refused(tmp_path):

@@ -265,9 +265,13 @@ def run_token_stats(cfg: TokenStatsConfig, out: str | Path, *, progress: bool = 
 
     if Path(out).is_dir():
         raise ConfigError(f"--out {str(out)[:200]} is a folder; give a file name, e.g. stats.safetensors")
-    folder = Path(out).parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):   # before the attack pass, not after it
-        raise ConfigError(f"--out {str(out)[:200]}: cannot write in {str(folder)[:200]} (missing or read-only)")
+    folder = Path(out).parent   # made, and checked writable, before the attack pass, not after it
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {str(out)[:200]}: cannot create {str(folder)[:200]} ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--out {str(out)[:200]}: cannot write in {str(folder)[:200]} (read-only)")
     device = resolve_device(cfg.device)
     set_tf32(cfg.tf32)
     task = load_task(cfg.data)
