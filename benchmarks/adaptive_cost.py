@@ -23,6 +23,7 @@ import platform
 import time
 
 import torch
+from _args import device as device_arg, positive
 
 from robustprompt.attacks.threat import ThreatModel
 from robustprompt.tta.adaptive import AdaptiveAttack, adaptive_attack
@@ -88,13 +89,6 @@ def timed(fn, warmup: bool = False) -> float:
     return best
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
-    return value
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=positive, default=2)
@@ -108,16 +102,11 @@ def main() -> None:
     ap.add_argument("--procedures", nargs="+", default=["tpt", "mta", "rtpt", "atpt", "ttc", "tapt"])
     ap.add_argument("--threads", type=positive, default=2)
     ap.add_argument("--repeats", type=positive, default=1, help="time each attack this often, keep the minimum")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1")
     args = ap.parse_args()
     global REPEATS, DEVICE
     REPEATS = args.repeats
-    try:
-        DEVICE = torch.device(args.device)
-    except RuntimeError:
-        ap.error(f"--device {args.device!r}: not a device (cpu, cuda, cuda:1)")
-    if DEVICE.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device here")
+    DEVICE = args.device
     if args.chunk is not None and args.chunk < 1:
         ap.error(f"--chunk must be ≥ 1, got {args.chunk}")
     torch.set_num_threads(args.threads)

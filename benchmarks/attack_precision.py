@@ -17,6 +17,7 @@ import platform
 import time
 
 import torch
+from _args import positive
 
 from robustprompt.api import classifier_from_spec, resolve_device
 from robustprompt.config import AttackSpec, DataSpec, ModelSpec
@@ -30,13 +31,6 @@ from robustprompt.errors import RobustPromptError
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
-    return value
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from _args import device as device_arg, positive
 import torch.nn.functional as F
 
 from robustprompt.attacks.pgd import project
@@ -248,17 +249,10 @@ def ratios(rows: list[Row]) -> None:
                   f"{rate[(m, a, mode, bs[-1])] / rate[(m, a, mode, bs[0])]:.2f}× image-steps/s")
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
-    return value
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16", "demo"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batches", type=positive, nargs="+", default=[1, 4, 16], help="CPU batch sizes")
     ap.add_argument("--start-batch", type=positive, default=32, help="CUDA: first batch size, then doubling")
     ap.add_argument("--max-batch", type=positive, default=4096, help="CUDA: stop doubling here (or at OOM)")
@@ -279,12 +273,7 @@ def main() -> None:
         ap.error(f"--warmup must be ≥ 0, got {args.warmup}")
     if args.max_batch < args.start_batch:
         ap.error(f"--max-batch {args.max_batch} is below --start-batch {args.start_batch}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        ap.error(f"--device {args.device!r}: not a device (cpu, cuda, cuda:1)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device here")
+    device = args.device
     if device.type != "cuda" and set(args.ariths) <= {"tf32"}:
         ap.error("--ariths tf32 is a CUDA switch: on a CPU choose fp32 and/or bf16")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \

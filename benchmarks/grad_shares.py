@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from robustprompt.attacks import ThreatModel
-from robustprompt.attribution.cba import matching_score, normalised_entropy, text_attribution, text_distribution
+from robustprompt.attribution.cba import normalised_entropy, text_attribution, text_distribution
 from robustprompt.engine.grad_share import gradient_norms, gradient_shares
 from robustprompt.methods import build_method, list_methods, method_class
 from robustprompt.methods.base import StepResult

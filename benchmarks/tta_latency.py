@@ -32,6 +32,7 @@ import platform
 import time
 
 import torch
+from _args import device as device_arg, positive
 
 from robustprompt.attribution.rollout import normalise_maps, upsample
 from robustprompt.models import TraceSpec
@@ -119,13 +120,6 @@ NAIVE = {"atpt": naive_atpt, "rtpt": naive_rtpt}
 PARAMS = {"atpt": {"fusion": "tv"}, "rtpt": {}}   # A-TPT: the paper's TV path, two rollouts
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
-    return value
-
-
 def agree(a: torch.Tensor, b: torch.Tensor) -> tuple[float, bool]:
     """max |Δp| between two stacks of class probabilities, and whether they predict the same
     classes. R-TPT's agree to float64 rounding; A-TPT's to ~1e-3, because its top-20% pixel
@@ -148,13 +142,11 @@ def main() -> None:
     ap.add_argument("--images", type=positive, default=2)
     ap.add_argument("--views", type=positive, default=64)
     ap.add_argument("--classes", type=positive, default=10)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--procedures", nargs="+", default=["atpt", "rtpt"], choices=sorted(NAIVE))
     ap.add_argument("--batch", type=int, default=0, help="also time the toolkit on this many images at once")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device here")
+    device = args.device
     from robustprompt.api import get_backbone
     from robustprompt.engine.tta import TPT_PROMPT
     from robustprompt.models import PromptedClassifier
