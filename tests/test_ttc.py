@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from robustprompt.attacks.pgd import random_perturbation
 from robustprompt.attacks.threat import ThreatModel
 from robustprompt.engine.tta import TPT_PROMPT
 from robustprompt.errors import ConfigError
 from robustprompt.models import PromptConfig, PromptedClassifier
 from robustprompt.tta.adaptive import AdaptiveAttack, adaptive_attack
 from robustprompt.tta.procedures import build_procedure, list_procedures
-from robustprompt.tta.ttc import counterattack, random_start, sensitivity, step_weights, tau_gate
+from robustprompt.tta.ttc import counterattack, sensitivity, step_weights, tau_gate
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_counterattack_pushes_the_embedding_away_within_its_budget(tiny64, image
         x = images64
         with torch.no_grad():
             anchor = embed(x)
-            d0 = random_start(x, eps, norm, [1, 2, 3, 4])
+            d0 = random_perturbation(x, eps, norm, [1, 2, 3, 4])
         ca = counterattack(embed, x, d0, anchor, eps=eps, alpha=alpha, steps=3, norm=norm)
         assert len(ca.deltas) == 4 and len(ca.embeddings) == 3
         with torch.no_grad():

@@ -32,17 +32,23 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torc
     return (x + delta).clamp(0.0, 1.0) - x
 
 
+def ascent_step(grad: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
+    """The steepest-ascent step of size alpha for a gradient: ℓ∞ alpha·sign(g), ℓ2 alpha·g/‖g‖."""
+    return alpha * grad.sign() if norm == "linf" else alpha * grad / _flat_norm(grad)
+
+
 def random_perturbation(x: torch.Tensor, eps: float, norm: str, seeds: Optional[Sequence[int]],
                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """A seeded random perturbation inside the ε-ball (ℓ∞: uniform cube; ℓ2: Gaussian direction,
-    uniform radius), projected as `project` does."""
+    uniform radius), projected as `project` does. The noise is drawn in float32 (the same draws
+    whatever x's dtype) and computed in x's dtype."""
     if norm == "linf":
-        delta = (uniform_noise(x.shape, seeds, x.device, generator) * 2 - 1) * eps
+        delta = (uniform_noise(x.shape, seeds, x.device, generator).to(x.dtype) * 2 - 1) * eps
     else:
-        direction = normal_noise(x.shape, seeds, x.device, generator)
+        direction = normal_noise(x.shape, seeds, x.device, generator).to(x.dtype)
         direction = direction / _flat_norm(direction)
         radius_seeds = None if seeds is None else [s + 7919 for s in seeds]
-        radius = uniform_noise(torch.Size([x.shape[0], 1, 1, 1]), radius_seeds, x.device, generator)
+        radius = uniform_noise(torch.Size([x.shape[0], 1, 1, 1]), radius_seeds, x.device, generator).to(x.dtype)
         delta = direction * radius * eps
     return project(delta, x, eps, norm)
 
@@ -108,11 +114,7 @@ def pgd(
                 obj = loss_fn(logits, y, clean_logits).sum()
                 (grad,) = torch.autograd.grad(obj, delta)
                 with torch.no_grad():
-                    if norm == "linf":
-                        step = alpha * grad.sign()
-                    else:
-                        step = alpha * grad / _flat_norm(grad)
-                    delta = project(delta.detach() + step, x, eps, norm)
+                    delta = project(delta.detach() + ascent_step(grad, alpha, norm), x, eps, norm)
             x_adv = (x + delta.detach()).clamp(0.0, 1.0)
             if restarts == 1:
                 return x_adv

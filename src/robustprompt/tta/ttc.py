@@ -37,7 +37,7 @@ counterattacks through the model it classifies with).
 
 Batched: the P images are P independent problems; the loss is a sum of per-image terms, the gate,
 the norms and the weights are per image, and the random start of image i depends only on
-seeds[i] (`random_start`), so an attacker who knows the seeds reproduces it.
+seeds[i] (`attacks.pgd.random_perturbation`, PGD's own random start), so an attacker who knows the seeds reproduces it.
 
 Adaptive attacks (``run(..., differentiable=True)``) — what is differentiated:
 
@@ -67,8 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..attacks.base import normal_noise, uniform_noise
-from ..attacks.pgd import project
+from ..attacks.pgd import ascent_step, project, random_perturbation
 from ..errors import ConfigError
 from ..models import PromptedClassifier
 from .base import TTAProcedure, register
@@ -151,19 +150,6 @@ def step_weights(steps: int, beta: float, dtype: torch.dtype = torch.float32) ->
     return (beta * torch.arange(steps + 1, dtype=dtype)).softmax(0)
 
 
-def random_start(x: torch.Tensor, eps: float, norm: str, seeds: Sequence[int]) -> torch.Tensor:
-    """δ₀ for images x P×3×H×W, as the released code draws it: ℓ∞ uniform in [−ε, ε]; ℓ2 a Gaussian
-    direction scaled to a uniform radius in [0, ε]; then x + δ₀ clamped into [0,1]. Row i depends
-    only on seeds[i] (drawn in float32, then computed in x's dtype)."""
-    if norm == "linf":
-        delta = (uniform_noise(x.shape, seeds, x.device).to(x.dtype) * 2 - 1) * eps
-    else:
-        direction = normal_noise(x.shape, seeds, x.device).to(x.dtype)
-        radius = uniform_noise(torch.Size([x.shape[0], 1, 1, 1]), [s + 7919 for s in seeds], x.device).to(x.dtype)
-        delta = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * radius * eps
-    return (x + delta).clamp(0, 1) - x
-
-
 class Counterattack(NamedTuple):
     deltas: list[torch.Tensor]       # N+1 perturbations δ₀..δ_N, each P×3×H×W
     embeddings: list[torch.Tensor]   # f(x + δ_k) for k = 0..N−1 (those the steps computed), each P×D
@@ -189,11 +175,7 @@ def counterattack(embed: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
             e = embed(z)
             loss = (e - anchor).square().sum()
             (g,) = torch.autograd.grad(loss, z, create_graph=create_graph, retain_graph=differentiable)
-        if norm == "linf":
-            step = alpha * g.sign()
-        else:
-            step = alpha * g / (g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-10)
-        delta = project(delta + step, x, eps, norm)
+        delta = project(delta + ascent_step(g, alpha, norm), x, eps, norm)
         if not differentiable:
             delta, e = delta.detach(), e.detach()
         deltas.append(delta)
@@ -234,7 +216,7 @@ class TTC(TTAProcedure):
             txt = clf.text_features()
         embed = lambda z: self.embed(clf, z)  # noqa: E731
         with torch.set_grad_enabled(differentiable):
-            delta0 = random_start(x, eps, p.norm, list(seeds))
+            delta0 = random_perturbation(x, eps, p.norm, list(seeds))
             if p.steps == 0:       # the code's random-noise baseline: x + δ₀ for every image
                 return self._probs(clf, embed(x + delta0), txt)
             anchor = embed(x)
