@@ -200,6 +200,7 @@ def test_autoattack_chunks_are_defended_batch_size_images_at_a_time(tmp_path, mo
     assert defended and max(defended) == 2 and sum(defended) == 6 * 3   # clean, non-adaptive, adaptive
     assert adapted == [2, 2, 2]
     assert m["n"] == 6
+    assert m["environment"]["eot_chunk"] == cfg.adaptive_attack.eot   # recorded (CPU: every draw in one call)
 
 
 @pytest.mark.slow

@@ -120,8 +120,9 @@ class AdaptiveSpec:
     schedule: str = "apgd"      # apgd | pgd
     through_update: bool = True
     # EOT draws per batched call of the defence (memory only: not in the run identity). None: all
-    # at once on a CPU, one at a time on an accelerator, where B images × EOT-16 × 64 views with
-    # the second-order graph would not fit (ViT-B/16: ~120 MB of activations per image-draw)
+    # at once on a CPU; on an accelerator the procedure's own (TTAProcedure.adaptive_eot_chunk:
+    # one for view-based defences, where B images × EOT-16 × 64 views with the second-order graph
+    # would not fit — ViT-B/16: ~120 MB of activations per image-draw; all at once for TTC)
     chunk: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -287,7 +288,7 @@ def _run_tta(cfg: TTAConfig, run: RunDir, state, device, task: Task, procedure, 
     t_start = time.time()
 
     adaptive = cfg.adaptive_attack.build() if cfg.randomness_modes else None
-    eot_chunk = cfg.adaptive_attack.chunk or (None if device.type == "cpu" else 1)
+    eot_chunk = cfg.adaptive_attack.chunk or (None if device.type == "cpu" else procedure.adaptive_eot_chunk)
 
     def quantised(x_adv: torch.Tensor) -> torch.Tensor:
         return torch.round(x_adv * 255) / 255 if cfg.quantize_adv else x_adv
@@ -379,7 +380,7 @@ def _run_tta(cfg: TTAConfig, run: RunDir, state, device, task: Task, procedure, 
     }
     if compile:   # recorded only when asked, so runs without it keep the record they always had
         metrics["environment"]["compile"] = compile_record(attacker)
-        if cfg.randomness_modes:
-            metrics["environment"]["eot_chunk"] = eot_chunk or cfg.adaptive_attack.eot
+    if cfg.randomness_modes:
+        metrics["environment"]["eot_chunk"] = eot_chunk or cfg.adaptive_attack.eot
     run.finalize(records, metrics)
     return metrics

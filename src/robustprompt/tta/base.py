@@ -112,6 +112,10 @@ class TTAProcedure:
     # restarts of the adaptive attack when the user sets none: the first starts from the
     # non-adaptive example, the others from random points of the ε-ball
     adaptive_restarts: ClassVar[int] = 1
+    # EOT draws per batched call of the defence on an accelerator when the user sets none (None:
+    # all at once): one, since B images × 16 draws × 64 views with the second-order graph of the
+    # prompt update would not fit; a CPU always takes all at once (engine.tta)
+    adaptive_eot_chunk: ClassVar[Optional[int]] = 1
     Params: ClassVar[type] = TTAParams
     # the prompt a run starts from when the user gives none (None: TPT's, engine.tta.TPT_PROMPT)
     default_prompt: ClassVar[Optional[PromptConfig]] = None

@@ -196,6 +196,8 @@ class TTC(TTAProcedure):
     # an attack started only from the non-adaptive example stalls on TTC (the counterattack undoes
     # that example's direction): a second, random restart (test_adaptive_attack_is_at_least_as_strong…)
     adaptive_restarts = 2
+    # no views and (ℓ∞) no second-order graph: all EOT draws in one call fit
+    adaptive_eot_chunk = None
 
     def embed(self, clf: PromptedClassifier, x: torch.Tensor) -> torch.Tensor:
         """f(x): the image tower's embedding P×D, unnormalised (``embedding="raw"``) or unit-norm."""
