@@ -25,8 +25,8 @@ from ..paths import atomic_write_text
 from ..report.console import format_table
 from .evaluate import EvalConfig, check_seed, evaluate
 from .grid import (LauncherConfig, check_distinct_labels, claim_root_briefly, collect_units, grid_units,
-                   missing_section, read_metrics, shard_note, shard_units, write_or_check_experiment)
-from .rundir import check_out_dir, experiment_dir
+                   missing_section, shard_note, shard_units, write_or_check_experiment)
+from .rundir import check_out_dir, experiment_dir, read_metrics
 from .runtime import process_state
 from .train import TrainConfig, train, train_config_from_dict
 from .tta_experiment import check_tta_experiment, expand_tta, run_tta_points, summarize_tta, tta_row
@@ -241,9 +241,10 @@ def run_experiment(cfg: ExperimentConfig, out: Optional[str | Path] = None, *, p
         if state.is_main_process:
             print(shard_note(shard, mine, len(units)), file=sys.stderr, flush=True)
         return None
-    with experiment_dir(root, state, wait_for_lock=wait_for_lock):
-        if state.is_main_process:
-            write_or_check_experiment(root, to_dict(cfg))
+    # experiment.yaml written or checked under the lock, on the main process; a refusal reaches
+    # every process (a torchrun rank would otherwise wait at its first broadcast)
+    with experiment_dir(root, state, wait_for_lock=wait_for_lock,
+                        on_claim=lambda: write_or_check_experiment(root, to_dict(cfg))):
         rows = []
         for unit in units:
             rows += _run_unit(cfg, by_key[unit.point], unit.seed, root, test_time, progress)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
@@ -35,7 +34,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..paths import atomic_write_text
-from .rundir import LOCK, _claim, _first_difference, _write_marker, on_main_then_share
+from .rundir import _first_difference, experiment_dir
 
 # exit status of `run --collect` when some units have not finished (0: complete; 2: a user mistake)
 INCOMPLETE_EXIT = 3
@@ -180,39 +179,12 @@ def write_or_check_experiment(root: Path, experiment: dict) -> None:
 def claim_root_briefly(root: Path, experiment: dict, state=None, *, wait_for_lock: bool = False,
                        patience_s: float = ROOT_PATIENCE_S) -> None:
     """Mark `root` as an experiment folder and write (or check) its experiment.yaml under the root's
-    lock, then let go of it. Another shard's or collection's hold lasts milliseconds: retried for up
-    to `patience_s`; a root held longer (an unsharded `run` holds it throughout) is refused with the
-    holder named, unless `wait_for_lock`."""
-    def claim() -> None:
-        deadline = time.monotonic() + patience_s
-        while True:
-            try:
-                lock, status, _ = _claim(root, "experiment", wait_for_lock)
-                break
-            except ConfigError:
-                # a held lock leaves its file; every other refusal (foreign folder, run dir) does not
-                if not (root / LOCK).exists() or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05 + (os.getpid() % 7) * 0.01)
-        try:
-            if status != "marked":
-                _write_marker(root, "experiment", None)
-            write_or_check_experiment(root, experiment)
-        finally:
-            lock.release()
-
-    on_main_then_share(state, claim)
-
-
-def read_metrics(run_dir: Path) -> Optional[dict]:
-    """A finished run's metrics.json; None while it is missing or unreadable (not finished)."""
-    import json
-
-    try:
-        data = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    lock, then let go of it. Another shard's or collection's hold lasts milliseconds: waited on for
+    up to `patience_s`; a root held longer (an unsharded `run` holds it throughout) is refused with
+    the holder named, unless `wait_for_lock`."""
+    with experiment_dir(root, state, wait_for_lock=wait_for_lock, patience_s=patience_s,
+                        on_claim=lambda: write_or_check_experiment(root, experiment)):
+        pass
 
 
 def missing_section(missing: list[dict], total: int) -> str:

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -253,12 +254,18 @@ class DirLock:
         self._lock: Optional[filelock.BaseFileLock] = None
         self._identity: Optional[tuple[int, int]] = None
 
-    def acquire(self, wait: bool = False) -> None:
+    def acquire(self, wait: bool = False, patience_s: float = 0.0) -> None:
+        """wait: until the holder finishes (announced once); otherwise held elsewhere for longer
+        than `patience_s` seconds (0: at once) is a ConfigError naming the holder."""
         announced = False
+        deadline = time.monotonic() + patience_s
         while True:
             lock = self._new_lock()
             try:
-                if not self._try(lock, blocking=False):
+                held = self._try(lock, blocking=False)
+                while not held and not wait and time.monotonic() < deadline:
+                    held = self._try(lock, blocking=True, timeout=min(1.0, deadline - time.monotonic()))
+                if not held:
                     if not wait:
                         raise ConfigError(f"{str(self.file.parent)[:200]} is in use by another robustprompt "
                                           f"process ({self.holder()}); two runs in one directory would mix "
@@ -287,10 +294,10 @@ class DirLock:
         return filelock.FileLock(self.file, timeout=-1, thread_local=False, preserve_lock_file=True,
                                  on_acquired=self._on_acquired)
 
-    def _try(self, lock: filelock.BaseFileLock, blocking: bool) -> bool:
-        """Lock now (blocking=False) or within a second (blocking=True); False if still held."""
+    def _try(self, lock: filelock.BaseFileLock, blocking: bool, timeout: float = 1.0) -> bool:
+        """Lock now (blocking=False) or within `timeout` seconds (blocking=True); False if still held."""
         try:
-            lock.acquire(timeout=1.0 if blocking else 0.0, blocking=blocking)
+            lock.acquire(timeout=max(timeout, 0.0) if blocking else 0.0, blocking=blocking)
             return True
         except filelock.Timeout:
             return False
@@ -375,7 +382,8 @@ def _write_marker(path: Path, kind: str, chash: Optional[str]) -> None:
         indent=2) + "\n")
 
 
-def _claim(path: Path, kind: str, wait_for_lock: bool) -> tuple[DirLock, str, Optional[str]]:
+def _claim(path: Path, kind: str, wait_for_lock: bool, patience_s: float = 0.0
+           ) -> tuple[DirLock, str, Optional[str]]:
     """Check, create and lock `path`; returns the lock and what the directory was once locked."""
     check_out_dir(path)
     status, _ = inspect_dir(path)
@@ -386,7 +394,7 @@ def _claim(path: Path, kind: str, wait_for_lock: bool) -> tuple[DirLock, str, Op
     except OSError as exc:
         raise storage_error(path, exc) from exc
     lock = DirLock(path)
-    lock.acquire(wait_for_lock)
+    lock.acquire(wait_for_lock, patience_s)
     try:
         status, found = inspect_dir(path)   # again: it may have changed while we waited
         if status == "foreign":
@@ -402,18 +410,22 @@ def _claim(path: Path, kind: str, wait_for_lock: bool) -> tuple[DirLock, str, Op
 
 
 @contextlib.contextmanager
-def experiment_dir(path: str | os.PathLike, state=None, *, wait_for_lock: bool = False) -> Iterator[Path]:
-    """Claim an experiment's root folder for the whole experiment: the same rules as a run
-    directory (marker, lock, a non-empty folder without a marker is refused). Its runs nest
-    inside it, each a run directory of its own."""
+def experiment_dir(path: str | os.PathLike, state=None, *, wait_for_lock: bool = False, patience_s: float = 0.0,
+                   on_claim: Optional[Callable[[], None]] = None) -> Iterator[Path]:
+    """Claim an experiment's root folder for the block: the same rules as a run directory
+    (marker, lock, a non-empty folder without a marker is refused). Its runs nest inside it, each
+    a run directory of its own. `on_claim` runs once the folder is marked, under the lock, on the
+    main process (its error reaches every process); `patience_s`: see DirLock.acquire."""
     path = Path(path)
     held: list[DirLock] = []
 
     def claim() -> None:
-        lock, status, _ = _claim(path, "experiment", wait_for_lock)
+        lock, status, _ = _claim(path, "experiment", wait_for_lock, patience_s)
         held.append(lock)
         if status != "marked":
             _write_marker(path, "experiment", None)
+        if on_claim is not None:
+            on_claim()
 
     try:
         on_main_then_share(state, claim)
@@ -424,6 +436,15 @@ def experiment_dir(path: str | os.PathLike, state=None, *, wait_for_lock: bool =
 
 
 # ---------------------------------------------------------------------------- run directories
+def read_metrics(run_dir: Path) -> Optional[dict]:
+    """A finished run's metrics.json; None while it is missing or unreadable (not finished)."""
+    try:
+        data = json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 class RunDir:
     def __init__(self, path: str | os.PathLike, config: dict, overwrite: bool = False) -> None:
         self.path = Path(path)
@@ -586,11 +607,7 @@ class RunDir:
 
     def metrics(self) -> Optional[dict]:
         """The finished run's metrics; None if absent or unreadable (then the run is finished again)."""
-        try:
-            data = json.loads((self.path / "metrics.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return read_metrics(self.path)
 
     def write_json(self, name: str, payload: Any) -> None:
         atomic_write_text(self.path / name, json.dumps(payload, indent=2) + "\n")
