@@ -199,6 +199,33 @@ def test_differentiable_run_keeps_the_forward_and_has_a_gradient(tiny64, images6
     assert torch.isfinite(g).all() and (g.flatten(1).abs().sum(1) > 0).all()
 
 
+def test_default_adaptive_graph_drops_the_embeddings_and_keeps_the_gradient(tiny64, images64, monkeypatch):
+    """ℓ∞ with a constant gate and perturbation weights: the attacker differentiates only the δ_k, so the
+    steps' image-tower graphs are freed — and the gradient is exactly the one with every graph kept."""
+    import robustprompt.tta.ttc as ttc_module
+
+    def gradient():
+        x = images64.clone().requires_grad_(True)
+        probs = build_procedure("ttc", {}).run(tiny64, x, [1, 2, 3, 4], differentiable=True)
+        return torch.autograd.grad(probs[:, 0].log().sum(), x)[0]
+
+    lean = gradient()
+    original, asked = ttc_module.counterattack, []
+
+    def keep_everything(*args, **kwargs):
+        asked.append(kwargs["keep_embeddings"])
+        return original(*args, **{**kwargs, "keep_embeddings": True})
+
+    monkeypatch.setattr(ttc_module, "counterattack", keep_everything)
+    full = gradient()
+    assert asked == [False]
+    torch.testing.assert_close(lean, full, rtol=0, atol=0)
+    ca = original(lambda z: z.flatten(1)[:, :5] * 2, images64.clone().requires_grad_(True),
+                  torch.zeros_like(images64), torch.zeros(4, 5, dtype=images64.dtype), eps=0.1, alpha=0.05,
+                  steps=2, differentiable=True, keep_embeddings=False)
+    assert not any(e.requires_grad for e in ca.embeddings) and all(d.requires_grad for d in ca.deltas[1:])
+
+
 def test_sigmoid_gate_adds_the_gate_s_gradient_only(tiny64, images64):
     """Same forward; the straight-through surrogate changes the backward only (the constant mask's
     gradient plus the sigmoid's slope through τ)."""

@@ -157,13 +157,16 @@ class Counterattack(NamedTuple):
 
 def counterattack(embed: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, delta0: torch.Tensor,
                   anchor: torch.Tensor, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-                  differentiable: bool = False) -> Counterattack:
+                  differentiable: bool = False, keep_embeddings: bool = True) -> Counterattack:
     """N PGD steps that maximise Σ_i ‖embed(x_i + δ_i) − anchor_i‖₂² from δ₀ (x P×3×H×W, anchor P×D;
     eps/alpha on the pixel scale). The sum separates per image, so each δ_i follows its own
     gradient. differentiable=True keeps every δ_k and embedding a function of x (and, for ℓ2, of
-    the step's gradient via create_graph; ℓ∞'s sign has derivative zero, so none is built)."""
+    the step's gradient via create_graph; ℓ∞'s sign has derivative zero, so none is built);
+    keep_embeddings=False returns the embeddings detached and frees each step's image-tower graph
+    (what an attacker that only differentiates the δ_k needs: ℓ∞, gate and weights constant)."""
     deltas, embeddings = [delta0], []
     create_graph = differentiable and norm == "l2"
+    keep = differentiable and (keep_embeddings or create_graph)
     delta = delta0
     for _ in range(steps):
         # the attacker's backward differentiates this gradient (ℓ2): the fused attention kernels
@@ -174,10 +177,12 @@ def counterattack(embed: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
                 z.requires_grad_(True)
             e = embed(z)
             loss = (e - anchor).square().sum()
-            (g,) = torch.autograd.grad(loss, z, create_graph=create_graph, retain_graph=differentiable)
+            (g,) = torch.autograd.grad(loss, z, create_graph=create_graph, retain_graph=keep)
         delta = project(delta + ascent_step(g, alpha, norm), x, eps, norm)
         if not differentiable:
-            delta, e = delta.detach(), e.detach()
+            delta = delta.detach()
+        if not keep:
+            e = e.detach()
         deltas.append(delta)
         embeddings.append(e)
     return Counterattack(deltas, embeddings)
@@ -221,9 +226,14 @@ class TTC(TTAProcedure):
             delta0 = random_perturbation(x, eps, p.norm, list(seeds))
             if p.steps == 0:       # the code's random-noise baseline: x + δ₀ for every image
                 return self._probs(clf, embed(x + delta0), txt)
-            anchor = embed(x)
+            # the graphs of f(x) and of each step's embedding matter to an attacker only through ℓ2's
+            # differentiated step, the embedding combination or the sigmoid gate; otherwise they
+            # would hold N + 1 image-tower passes of activations for nothing
+            keep = differentiable and (p.norm == "l2" or p.combine == "embedding" or p.gate_grad == "sigmoid")
+            with torch.set_grad_enabled(keep):
+                anchor = embed(x)
             ca = counterattack(embed, x, delta0, anchor, eps=eps, alpha=alpha, steps=p.steps, norm=p.norm,
-                               differentiable=differentiable)
+                               differentiable=differentiable, keep_embeddings=keep)
             tau = sensitivity(ca.embeddings[0], anchor)
             gated = tau_gate(tau.detach(), p.tau_thres)
             w = step_weights(p.steps, p.beta, torch.float64).to(x.dtype).to(x.device)
