@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from robustprompt.config import AttackSpec, ModelSpec
-from robustprompt.engine.tta import TPT_PROMPT, _model_spec
+from robustprompt.engine.tta import TPT_PROMPT, defence_model_spec
 from robustprompt.errors import ConfigError
 from robustprompt.models import PromptConfig, PromptedClassifier, load_backbone
 from robustprompt.models.trace import TraceSpec
@@ -185,9 +185,9 @@ def test_registered_with_its_prompt_and_the_file_hash(stats_file):
     assert (p.align_weight, p.adv_weight, p.align_layers, p.align_norm) == (100.0, 0.5, "code", "l1")
     assert (TAPT_PROMPT.coupling, TAPT_PROMPT.n_ctx, TAPT_PROMPT.depth) == ("independent", 2, 9)
     # the engine gives TAPT its own prompt and every other procedure TPT's, as before
-    assert _model_spec(ModelSpec(name="rp-tiny"), proc).prompt == TAPT_PROMPT
-    assert _model_spec(ModelSpec(name="rp-tiny"), build_procedure("tpt")).prompt == TPT_PROMPT
-    assert _model_spec(ModelSpec(name="rp-tiny")).prompt == TPT_PROMPT
+    assert defence_model_spec(ModelSpec(name="rp-tiny"), proc).prompt == TAPT_PROMPT
+    assert defence_model_spec(ModelSpec(name="rp-tiny"), build_procedure("tpt")).prompt == TPT_PROMPT
+    assert defence_model_spec(ModelSpec(name="rp-tiny")).prompt == TPT_PROMPT
 
 
 def test_images_are_independent_and_order_does_not_matter(clf, data, stats_file):

@@ -196,7 +196,7 @@ class TTAConfig:
         return self.seed + 1 if self.defence_seed is None else self.defence_seed
 
 
-def _model_spec(spec: ModelSpec, procedure=None) -> ModelSpec:
+def defence_model_spec(spec: ModelSpec, procedure=None) -> ModelSpec:
     """A test-time defence tunes a prompt: without one given, the procedure's default_prompt,
     else TPT's."""
     if spec.run or spec.prompt is not None:
@@ -258,7 +258,7 @@ def run_tta(cfg: TTAConfig, out: Optional[str | Path] = None, *, overwrite: bool
     if cfg.adaptive_attack.restarts is None:   # resolved and recorded, as augmix is
         cfg = dataclasses.replace(cfg, adaptive_attack=dataclasses.replace(
             cfg.adaptive_attack, restarts=procedure.adaptive_restarts))
-    model_spec = _model_spec(cfg.model, procedure)
+    model_spec = defence_model_spec(cfg.model, procedure)
     config = {"kind": "tta", **to_dict(cfg)}
     config["model"] = to_dict(model_spec)
     config["model"]["prompt"] = resolved_prompt(model_spec).to_dict()

@@ -37,6 +37,7 @@ import torch
 from ..config import AttackSpec, DataSpec, ModelSpec
 from ..errors import ConfigError
 from ..models import PromptedClassifier
+from ..models.sources import sha256_file
 from ..models.trace import TraceSpec
 
 log = logging.getLogger(__name__)
@@ -73,14 +74,6 @@ def prompt_hash(clf: PromptedClassifier) -> Optional[str]:
     return h.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------- moments
 def block_inputs(clf: PromptedClassifier, x: torch.Tensor, blocks: Sequence[int],
                  vision_prompts: Optional[list[torch.Tensor]] = None
@@ -101,11 +94,12 @@ class MomentAccumulator:
 
     def add(self, tokens: list[torch.Tensor]) -> None:
         """tokens: per block, B×N×C."""
-        t = torch.stack([z.detach().to(torch.float64) for z in tokens], dim=1)     # B×L×N×C
-        s1, s2 = t.sum(0), (t * t).sum(0)
+        # summed over the batch block by block: no B×L×N×C float64 copy (and its square) at once
+        s1 = torch.stack([z.detach().sum(0, dtype=torch.float64) for z in tokens])          # L×N×C
+        s2 = torch.stack([z.detach().double().square().sum(0) for z in tokens])
         self.s1 = s1 if self.s1 is None else self.s1 + s1
         self.s2 = s2 if self.s2 is None else self.s2 + s2
-        self.n += t.shape[0]
+        self.n += tokens[0].shape[0]
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.n == 0:
@@ -177,8 +171,8 @@ def save_token_stats(stats: TokenStats, path: str | Path) -> str:
 
 
 def load_token_stats(path: str | Path, clf: Optional[PromptedClassifier] = None) -> TokenStats:
-    """Read a statistics file; with `clf`, refuse one computed for another backbone (ConfigError)
-    or another vision-token layout."""
+    """Read a statistics file; with `clf`, refuse one computed for another backbone, activation or
+    number of blocks (ConfigError; the prompt and its token layout are TAPT's to check)."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -195,14 +189,15 @@ def load_token_stats(path: str | Path, clf: Optional[PromptedClassifier] = None)
     if raw is None or set(tensors) != set(TENSOR_KEYS):
         raise ConfigError(f"{str(path)[:200]} is not a robustprompt token-statistics file "
                           f"(needs tensors {', '.join(TENSOR_KEYS)} and the {META_KEY} metadata)")
-    stats = TokenStats(**tensors, meta=json.loads(raw), sha256=file_sha256(p), prompt_state=prompt)
+    stats = TokenStats(**tensors, meta=json.loads(raw), sha256=sha256_file(p), prompt_state=prompt)
     if clf is not None:
         check_stats_for(stats, clf, str(path))
     return stats
 
 
 def check_stats_for(stats: TokenStats, clf: PromptedClassifier, where: str = "the statistics") -> None:
-    """ConfigError unless `stats` were computed on this backbone (the prompt: see TAPT)."""
+    """ConfigError unless `stats` were computed on this backbone: weights, activation, blocks (the
+    prompt and the token layout it makes: see TAPT._check)."""
     recorded, actual = stats.meta.get("backbone_hash"), backbone_hash(clf)
     if recorded != actual:
         raise ConfigError(f"{where[:200]} was computed for backbone {recorded}, but this model's backbone is {actual}; "
@@ -245,21 +240,13 @@ class TokenStatsConfig:
         return () if self.tf32 else ("tf32",)
 
 
-def tapt_model_spec(spec: ModelSpec) -> ModelSpec:
-    """The model spec with TAPT's default prompt when none is given (as `robustprompt tta`)."""
-    if spec.run or spec.prompt is not None:
-        return spec
-    from .tapt import TAPT_PROMPT
-
-    return ModelSpec(name=spec.name, pretrained=spec.pretrained, quick_gelu=spec.quick_gelu,
-                     prompt=TAPT_PROMPT, templates=spec.templates)
-
-
 def run_token_stats(cfg: TokenStatsConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Compute and save the statistics a config describes; returns the file's metadata (+ sha256)."""
     from ..api import classifier_from_spec, resolve_device
     from ..engine.evaluate import image_seed
     from ..engine.tasks import load_task
+    from ..engine.tta import defence_model_spec
+    from .procedures import procedure_class
 
     from ..engine.runtime import set_tf32
 
@@ -275,7 +262,7 @@ def run_token_stats(cfg: TokenStatsConfig, out: str | Path, *, progress: bool = 
     device = resolve_device(cfg.device)
     set_tf32(cfg.tf32)
     task = load_task(cfg.data)
-    spec = tapt_model_spec(cfg.model)
+    spec = defence_model_spec(cfg.model, procedure_class("tapt"))   # TAPT's prompt unless one is given
     # an untrained prompt's random vision tokens are part of what the file records: drawn from the
     # config's seed, so the same config gives the same file whatever ran before in the process
     with torch.random.fork_rng(devices=[]):
