@@ -12,8 +12,6 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
-import re
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +22,12 @@ from ..errors import ConfigError
 from ..paths import atomic_write_text
 from ..report.console import format_table
 from .evaluate import EvalConfig, check_seed, evaluate
-from .grid import (LauncherConfig, check_distinct_labels, claim_root_briefly, collect_units, grid_units,
-                   missing_section, shard_note, shard_units, write_or_check_experiment)
+from .grid import (LauncherConfig, check_distinct_labels, claim_root_briefly, collect_units, grid_units, mean_std,
+                   missing_section, setting_name, shard_note, shard_units, slug, unit_dir, write_or_check_experiment)
 from .rundir import check_out_dir, experiment_dir, read_metrics
 from .runtime import process_state
 from .train import TrainConfig, train, train_config_from_dict
-from .tta_experiment import check_tta_experiment, expand_tta, run_tta_points, summarize_tta, tta_row
+from .tta_experiment import check_tta_experiment, expand_tta, run_tta_unit, summarize_tta, tta_row
 
 
 def _paper_eval_attack() -> AttackSpec:
@@ -72,6 +70,8 @@ class ExperimentConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)   # `run --launcher slurm`'s job resources
 
     def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one seed")
         for i, seed in enumerate(self.seeds):
             check_seed(seed, f"seeds[{i}]")
         if len(set(self.seeds)) != len(self.seeds):   # one folder per seed: a repeat would share it
@@ -89,20 +89,8 @@ class Point:
     attack: AttackSpec
 
 
-def setting_name(dotted: str) -> str:
-    """Short label of a grid key: train.data.shots → shots, train.method.name → method."""
-    parts = dotted.split(".")
-    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
-
-
-def _slug(value: Any) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("_") or "x"
-
-
 def expand(cfg: ExperimentConfig, where: str = "config") -> list[Point]:
     """Every grid point with its validated configs — all checked before anything runs."""
-    if not cfg.seeds:
-        raise ConfigError(f"{where}: seeds must list at least one seed")
     keys = list(cfg.grid)
     for k in keys:
         if not k.startswith(("train.", "eval.attack.")):
@@ -115,7 +103,7 @@ def expand(cfg: ExperimentConfig, where: str = "config") -> list[Point]:
         raw = {"train": json.loads(json.dumps(cfg.train)), "eval": {"attack": to_dict(cfg.eval.attack)}}
         for k, v in settings.items():
             set_dotted(raw, k, v)
-        key = ",".join(f"{setting_name(k)}={_slug(v)}" for k, v in settings.items()) or "default"
+        key = ",".join(f"{setting_name(k)}={slug(v)}" for k, v in settings.items()) or "default"
         here = f"{where} [{key}]"
         attack = from_dict(AttackSpec, raw["eval"]["attack"], f"{here}: eval.attack")
         trains = {}
@@ -152,12 +140,12 @@ def _eval_config(point: Point, seed: int, target: EvalTarget, train_dir: Path, c
 
 def experiment_root(cfg: ExperimentConfig, out: Optional[str | Path] = None) -> Path:
     """The experiment's folder: `out`, else the config's `out`, else runs/experiments/<name>."""
-    return Path(out or cfg.out or Path("runs") / "experiments" / _slug(cfg.name))
+    return Path(out or cfg.out or Path("runs") / "experiments" / slug(cfg.name))
 
 
 def _points(cfg: ExperimentConfig, where: str, build: bool) -> tuple[bool, list]:
     """(test-time?, every grid point) — validated before anything runs."""
-    test_time = bool(check_tta_experiment(cfg.tta, cfg.train, where))
+    test_time = check_tta_experiment(cfg.tta, cfg.train, where)
     points = expand_tta(cfg.tta, cfg.grid, cfg.seeds, cfg.device, where, build=build) if test_time \
         else expand(cfg, where)
     return test_time, points
@@ -175,12 +163,12 @@ def _run_unit(cfg: ExperimentConfig, point, seed: int, root: Path, test_time: bo
     """Train and evaluate (or run the test-time defence for) one (point, seed); its summary rows
     (main process). Finished runs are reused, so a unit interrupted anywhere resumes."""
     if test_time:
-        return run_tta_points([point], [seed], root, progress)
+        return run_tta_unit(point, seed, root, progress)
     rows = []
-    seed_dir = root / point.key / f"seed-{seed}"
+    seed_dir = unit_dir(root, point.key, seed)
     train(point.train[seed], seed_dir / "train", progress=progress)
     for label, target in point.evals:
-        run_dir = seed_dir / f"eval-{_slug(label)}"
+        run_dir = seed_dir / f"eval-{slug(label)}"
         m = evaluate(_eval_config(point, seed, target, seed_dir / "train", cfg), run_dir, progress=progress)
         if m is not None:
             rows.append(_train_row(point, seed, label, m, run_dir))
@@ -189,13 +177,13 @@ def _run_unit(cfg: ExperimentConfig, point, seed: int, root: Path, test_time: bo
 
 def _read_unit(point, seed: int, root: Path, test_time: bool) -> tuple[list[dict], bool]:
     """The rows of one unit's finished runs (read from their metrics.json) and whether all finished."""
-    seed_dir = root / point.key / f"seed-{seed}"
+    seed_dir = unit_dir(root, point.key, seed)
     if test_time:
         m = read_metrics(seed_dir / "tta")
         return ([tta_row(point, seed, m, seed_dir / "tta")] if m is not None else []), m is not None
     rows = []
     for label, _ in point.evals:
-        run_dir = seed_dir / f"eval-{_slug(label)}"
+        run_dir = seed_dir / f"eval-{slug(label)}"
         m = read_metrics(run_dir)
         if m is not None:
             rows.append(_train_row(point, seed, label, m, run_dir))
@@ -281,11 +269,6 @@ def collect_experiment(cfg: ExperimentConfig, out: Optional[str | Path] = None, 
     return summary
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(rows: list[dict], cfg: ExperimentConfig,
               attacks: Optional[dict[str, AttackSpec]] = None) -> dict[str, Any]:
     """Mean ± std over seeds per (grid point, target). `attacks`: each point's attack (the grid may
@@ -367,9 +350,4 @@ def load_experiment(path: str | Path, overrides: Optional[dict] = None) -> Exper
 
 def validate_experiment(cfg: ExperimentConfig, where: str = "config") -> None:
     """Build every grid point's configs (training or test-time), raising ConfigError on the first bad one."""
-    if check_tta_experiment(cfg.tta, cfg.train, where):
-        if not cfg.seeds:
-            raise ConfigError(f"{where}: seeds must list at least one seed")
-        expand_tta(cfg.tta, cfg.grid, cfg.seeds, cfg.device, where)
-    else:
-        expand(cfg, where)
+    _points(cfg, where, build=False)

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import yaml
 
@@ -85,6 +86,27 @@ class LauncherConfig:
         if self.mem_gb is not None and (isinstance(self.mem_gb, bool) or not isinstance(self.mem_gb, (int, float))
                                         or self.mem_gb <= 0):
             raise ConfigError(f"launcher.mem_gb must be a positive number, got {self.mem_gb!r}")
+
+
+def setting_name(dotted: str) -> str:
+    """Short label of a grid key: train.data.shots → shots, tta.method.name → method."""
+    parts = dotted.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+
+def slug(value: Any) -> str:
+    """A grid value as one safe path component."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("_") or "x"
+
+
+def unit_dir(root: Path, point: str, seed: int) -> Path:
+    """The folder of one unit's runs."""
+    return Path(root) / point / f"seed-{seed}"
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def grid_units(point_keys: Iterable[str], seeds: Iterable[int]) -> list[Unit]:

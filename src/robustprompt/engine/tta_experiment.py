@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import copy
 import itertools
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..config import from_dict, set_dotted
 from ..errors import ConfigError
 from ..report.console import format_table
 from ..tta.procedures import build_procedure, procedure_class
-from .grid import check_distinct_labels
+from .grid import check_distinct_labels, mean_std, setting_name, slug, unit_dir
 from .tta import TTAConfig, resolve_augmix, run_tta
 
 
@@ -35,15 +34,8 @@ class TTAPoint:
 
 
 def _slug(value: Any) -> str:
-    if isinstance(value, dict) and "name" in value:   # a whole method spec: labelled by its name
-        value = value["name"]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("_") or "x"
-
-
-def setting_name(dotted: str) -> str:
-    """tta.method.name → method, tta.data.dataset → dataset, tta.attack.eps → eps."""
-    parts = dotted.split(".")
-    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+    """A grid value's label; a whole method spec is labelled by its name."""
+    return slug(value["name"] if isinstance(value, dict) and "name" in value else value)
 
 
 def expand_tta(tta: dict, grid: dict, seeds: list[int], device: str, where: str = "config", *,
@@ -91,29 +83,19 @@ def tta_row(point: TTAPoint, seed: int, m: dict, run_dir: Path) -> dict:
             "threat": m["threat"], "wall_time_s": m["wall_time_s"], "run": str(run_dir)}
 
 
-def run_tta_points(points: list[TTAPoint], seeds: list[int], root: Path, progress: bool) -> list[dict]:
-    """Run (or resume) every point and seed; one summary row per finished run (main process)."""
-    rows = []
-    for point in points:
-        for seed in seeds:
-            run_dir = root / point.key / f"seed-{seed}" / "tta"
-            m = run_tta(point.configs[seed], run_dir, progress=progress)
-            if m is not None:
-                rows.append(tta_row(point, seed, m, run_dir))
-    return rows
+def run_tta_unit(point: TTAPoint, seed: int, root: Path, progress: bool) -> list[dict]:
+    """Run (or resume) one point and seed; its summary row once finished (main process)."""
+    run_dir = unit_dir(root, point.key, seed) / "tta"
+    m = run_tta(point.configs[seed], run_dir, progress=progress)
+    return [] if m is None else [tta_row(point, seed, m, run_dir)]
 
 
-def _pm(values: list[float]) -> str:
-    from .experiment import mean_std
-
-    mu, sd = mean_std(values)
-    return f"{mu:.2f} ± {sd:.2f}"
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.2f} ± {std:.2f}"
 
 
 def summarize_tta(rows: list[dict], name: str, seeds: list[int]) -> dict[str, Any]:
     """Mean ± sample std over seeds of clean, each attack and the worst case, per grid point."""
-    from .experiment import mean_std
-
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["point"], []).append(r)
@@ -135,9 +117,9 @@ def summarize_tta(rows: list[dict], name: str, seeds: list[int]) -> dict[str, An
         entry["attacks"] = {k: dict(zip(("mean", "std"), mean_std([r["attack_accs"][k] for r in rs])))
                             for k in keys if all(k in r["attack_accs"] for r in rs)}
         agg.append(entry)
-        table.append([point, str(rs[0]["n"]), _pm([r["clean_acc"] for r in rs])]
-                     + [_pm([r["attack_accs"][k] for r in rs]) if k in entry["attacks"] else "–" for k in keys]
-                     + [_pm([r["robust_acc"] for r in rs])])
+        table.append([point, str(rs[0]["n"]), _pm(entry["clean_mean"], entry["clean_std"])]
+                     + [_pm(**entry["attacks"][k]) if k in entry["attacks"] else "–" for k in keys]
+                     + [_pm(entry["robust_mean"], entry["robust_std"])])
     header = ["setting", "n", "clean"] + [titles[k] for k in keys] + ["worst case"]
     threat = agg[0]["threat"] if agg else {}
     caption = (f"Test-time defences, mean ± sample std over seeds {seeds} (attack seed; the defence's view seed "
@@ -147,9 +129,9 @@ def summarize_tta(rows: list[dict], name: str, seeds: list[int]) -> dict[str, An
     return {"name": name, "kind": "tta", "rows": rows, "aggregate": agg, "threat": threat, "markdown": md}
 
 
-def check_tta_experiment(tta: dict, train: dict, where: str) -> Optional[str]:
-    """'tta' when the experiment runs a test-time defence, None for a training one; both: an error."""
+def check_tta_experiment(tta: dict, train: dict, where: str) -> bool:
+    """True when the experiment runs a test-time defence, False for a training one; both: an error."""
     if tta and train:
         raise ConfigError(f"{where}: an experiment either trains prompts (train:) or runs a test-time defence "
                           f"(tta:), not both")
-    return "tta" if tta else None
+    return bool(tta)
