@@ -48,15 +48,11 @@ def load(n_images: int, prompt=None, device: torch.device = torch.device("cpu"))
 def tapt_setup(n_images: int, stats_images: int, tmp: str, device: torch.device):
     """TAPT's classifier (the demo's bimodal prompt) and its statistics file; seconds per image of
     the statistics pre-pass."""
-    from robustprompt.config import from_dict
-    from robustprompt.demo.run import PGD_STEPS, TAPT_PROMPT_DEMO, TRAIN_EPS
+    from robustprompt.demo.run import TAPT_PROMPT_DEMO, tapt_stats_config
     from robustprompt.models import PromptConfig
-    from robustprompt.tta.token_stats import TokenStatsConfig, run_token_stats
+    from robustprompt.tta.token_stats import run_token_stats
 
-    cfg = from_dict(TokenStatsConfig, {
-        "model": {"name": "demo", "prompt": TAPT_PROMPT_DEMO},
-        "data": {"dataset": "fashion_mnist", "split": "train", "subset": stats_images, "batch_size": 64},
-        "attack": {"attack": "pgd", "eps": TRAIN_EPS, "steps": PGD_STEPS}, "device": str(device)})
+    cfg = tapt_stats_config(stats_images, str(device))
     path = f"{tmp}/stats.safetensors"
     t = time.perf_counter()
     run_token_stats(cfg, path, progress=False)

@@ -150,23 +150,19 @@ def tapt_setting(bname: str, bb, classes, tmp: Path):
     here, with the toolkit's own pre-pass, into a file in `tmp`."""
     import logging
 
-    from robustprompt.config import AttackSpec, DataSpec, ModelSpec, from_dict
+    from robustprompt.config import AttackSpec, DataSpec, ModelSpec
     from robustprompt.tta.procedures import build_procedure
     from robustprompt.tta.tapt import TAPT_PROMPT
-    from robustprompt.tta.token_stats import TokenStatsConfig, compute_token_stats, run_token_stats, save_token_stats
+    from robustprompt.tta.token_stats import compute_token_stats, run_token_stats, save_token_stats
 
     logging.getLogger("robustprompt.tta.tapt").setLevel(logging.ERROR)   # "starting from the stats' prompt"
     path = tmp / f"tapt-{bname}.safetensors"
     if bname == "demo":
         from robustprompt.api import classifier_from_spec
-        from robustprompt.demo.run import PGD_STEPS, TAPT_PROMPT_DEMO, TRAIN_EPS, TTA_PARAMS, TTA_SUBSET
+        from robustprompt.demo.run import TAPT_PROMPT_DEMO, TTA_PARAMS, TTA_SUBSET, tapt_stats_config
         from robustprompt.engine.tasks import load_task
 
-        cfg = from_dict(TokenStatsConfig, {
-            "model": {"name": "demo", "prompt": TAPT_PROMPT_DEMO},
-            "data": {"dataset": "fashion_mnist", "split": "train", "subset": 64, "batch_size": 64},
-            "attack": {"attack": "pgd", "eps": TRAIN_EPS, "steps": PGD_STEPS}, "device": "cpu"})
-        run_token_stats(cfg, path, progress=False)
+        run_token_stats(tapt_stats_config(64), path, progress=False)
         task = load_task(DataSpec(dataset="fashion_mnist", split="test", subset=TTA_SUBSET, batch_size=8))
         clf = classifier_from_spec(ModelSpec(name="demo", prompt=PromptConfig(**TAPT_PROMPT_DEMO)), task.dataset)
         clf.eval()

@@ -183,17 +183,26 @@ def _quiet(logger: str) -> Iterator[None]:
         log.setLevel(level)
 
 
+def tapt_stats_config(subset: int = TAPT_STATS_IMAGES, device: str = "cpu"):
+    """The `tta-stats` config of the demo's TAPT: its bimodal prompt, `subset` training images,
+    clean and under the demo's threat model (also what the benchmarks use)."""
+    from ..config import from_dict
+    from ..tta.token_stats import TokenStatsConfig
+
+    return from_dict(TokenStatsConfig, {
+        "model": {"name": "demo", "prompt": TAPT_PROMPT_DEMO},
+        "data": {"dataset": "fashion_mnist", "split": "train", "subset": subset, "batch_size": 64},
+        "attack": {"attack": "pgd", "eps": TRAIN_EPS, "steps": PGD_STEPS}, "device": device})
+
+
 def _tapt_stats(out: Path, progress: bool, device: str) -> Path:
     """TAPT's token statistics for the demo (`robustprompt tta-stats`), in a file named by the hash of
     its config, so a changed recipe is recomputed and an unchanged one reused."""
-    from ..config import from_dict, to_dict
+    from ..config import to_dict
     from ..engine.rundir import config_hash
-    from ..tta.token_stats import TokenStatsConfig, run_token_stats
+    from ..tta.token_stats import run_token_stats
 
-    cfg = from_dict(TokenStatsConfig, {
-        "model": {"name": "demo", "prompt": TAPT_PROMPT_DEMO},
-        "data": {"dataset": "fashion_mnist", "split": "train", "subset": TAPT_STATS_IMAGES, "batch_size": 64},
-        "attack": {"attack": "pgd", "eps": TRAIN_EPS, "steps": PGD_STEPS}, "device": device})
+    cfg = tapt_stats_config(TAPT_STATS_IMAGES, device)
     path = out / "tapt-stats" / f"fashion_mnist-train-{TAPT_STATS_IMAGES}-{config_hash(to_dict(cfg))}.safetensors"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
