@@ -23,7 +23,7 @@ import platform
 import time
 
 import torch
-from _args import device as device_arg, positive
+from _bench import device as device_arg, positive, sync
 
 from robustprompt.attacks.threat import ThreatModel
 from robustprompt.tta.adaptive import AdaptiveAttack, adaptive_attack
@@ -65,11 +65,6 @@ REPEATS = 1
 DEVICE = torch.device("cpu")
 
 
-def sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
 def timed(fn, warmup: bool = False) -> float:
     """Wall seconds of fn(), the minimum over REPEATS runs (robust to other load on a shared CPU);
     warmup: one untimed call first (first-call costs: kernels, allocator, caches)."""
@@ -77,10 +72,10 @@ def timed(fn, warmup: bool = False) -> float:
         fn()
     best = float("inf")
     for _ in range(REPEATS):
-        sync()
+        sync(DEVICE)
         t = time.perf_counter()
         fn()
-        sync()
+        sync(DEVICE)
         best = min(best, time.perf_counter() - t)
     return best
 

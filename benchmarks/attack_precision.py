@@ -17,7 +17,7 @@ import platform
 import time
 
 import torch
-from _args import positive
+from _bench import positive, sync
 
 from robustprompt.api import classifier_from_spec, resolve_device
 from robustprompt.config import AttackSpec, DataSpec, ModelSpec
@@ -26,11 +26,6 @@ from robustprompt.engine.runtime import set_tf32
 from robustprompt.engine.sharded import IndexedImages
 from robustprompt.engine.tasks import load_task
 from robustprompt.errors import RobustPromptError
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

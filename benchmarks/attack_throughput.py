@@ -15,15 +15,11 @@ import platform
 import time
 
 import torch
+from _bench import sync
 import torch.nn.functional as F
 
 from robustprompt.attacks import pgd
 from robustprompt.models import PromptedClassifier, load_backbone
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device, repeats: int = 1) -> float:

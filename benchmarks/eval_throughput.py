@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from _args import device as device_arg, positive
+from _bench import device as device_arg, positive, sync
 import torch.nn.functional as F
 
 from robustprompt.attacks.pgd import project
@@ -56,11 +56,6 @@ def peak_bf16(device_name: str) -> Optional[float]:
         if key in device_name:
             return tflops
     return None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass

@@ -14,17 +14,13 @@ import statistics
 import time
 
 import torch
+from _bench import sync
 
 from robustprompt.attacks import ThreatModel
 from robustprompt.methods import build_method, list_methods, method_class
 from robustprompt.models import PromptedClassifier, load_backbone
 
 ORDER = ["advmaple", "coop", "vpt", "ivlp", "maple", "advvp", "advvlp", "apt", "fap", "cba_fapt", "apd"]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_method(name: str, bb, classes: list[str], x, y, steps: int, device) -> float:

@@ -32,7 +32,7 @@ import platform
 import time
 
 import torch
-from _args import device as device_arg, positive
+from _bench import device as device_arg, positive, sync
 
 from robustprompt.attribution.rollout import normalise_maps, upsample
 from robustprompt.models import TraceSpec
@@ -41,11 +41,6 @@ from robustprompt.tta.rtpt import rtpt_fusion
 from robustprompt.tta.base import entropy
 from robustprompt.tta.procedures import build_procedure
 from robustprompt.tta.views import attention_guided_views, augmix_views
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def naive_rollout_map(clf, image: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Argument types the benchmark scripts share, so a mistyped flag is one line, not a traceback."""
+"""What the benchmark scripts share: argument types (a mistyped flag is one line, not a traceback)
+and the device synchronisation every timing needs."""
 from __future__ import annotations
 
 import argparse
@@ -23,3 +24,9 @@ def device(text: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text}: no CUDA device here")
     return dev
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a timer must not stop early)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
