@@ -41,9 +41,7 @@ class BatchProbe:
 def is_oom(exc: BaseException) -> bool:
     """True for an accelerator out-of-memory error (torch.cuda.OutOfMemoryError, or the
     RuntimeError older builds and other backends raise with 'out of memory' in it)."""
-    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
+    # torch.cuda.OutOfMemoryError is a RuntimeError whose message says so
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
@@ -57,35 +55,31 @@ def probe_batch_size(step: Callable[[int], None], *, start: int = DEFAULT_START,
     either (the model does not fit at all)."""
     if start < 1 or limit < start or not 0 < margin <= 1:
         raise ValueError(f"probe needs 1 <= start <= limit and 0 < margin <= 1 (got {start}, {limit}, {margin})")
+    def fits(size: int) -> bool:
+        try:
+            step(size)
+            return True
+        except Exception as exc:   # noqa: BLE001 — only OOM is expected; others are re-raised
+            if not is_oom(exc):
+                raise
+            if on_oom is not None:
+                on_oom()
+            return False
+
     largest_ok: Optional[int] = None
     first_oom: Optional[int] = None
     size = start
     while size <= limit:
-        try:
-            step(size)
-        except Exception as exc:   # noqa: BLE001 — only OOM is expected; others are re-raised
-            if not is_oom(exc):
-                raise
+        if not fits(size):
             first_oom = size
-            if on_oom is not None:
-                on_oom()
             break
-        largest_ok = size
-        size *= 2
-    if largest_ok is None:   # start itself did not fit: halve down to 1
-        size = start // 2
-        while size >= 1 and largest_ok is None:
-            try:
-                step(size)
-                largest_ok = size
-            except Exception as exc:   # noqa: BLE001
-                if not is_oom(exc):
-                    raise
-                if on_oom is not None:
-                    on_oom()
-                size //= 2
-        if largest_ok is None:
-            raise RuntimeError("not even a batch of 1 fits in the accelerator's memory")
+        largest_ok, size = size, size * 2
+    size = start // 2
+    while largest_ok is None and size >= 1:   # start itself did not fit: halve down to 1
+        largest_ok = size if fits(size) else None
+        size //= 2
+    if largest_ok is None:
+        raise RuntimeError("not even a batch of 1 fits in the accelerator's memory")
     if first_oom is None:   # never hit the wall: the largest size tried is safe as it is
         batch = largest_ok
     else:

@@ -112,8 +112,9 @@ def run_per_image(
         for u in mine_units:
             starts.append(starts[-1] + len(u))
         batches = [list(range(a, b)) for a, b in zip(starts, starts[1:])]
+    device = state.device
     loader = DataLoader(IndexedImages(split, mine, transform), batch_sampler=batches,
-                        **loader_options(torch.device(state.device), workers))
+                        **loader_options(torch.device(device), workers))
     if state.num_processes > 1:
         desc = f"{desc} [process {state.process_index + 1}/{state.num_processes}]"
     if len(remaining) < len(indices) and state.is_main_process and progress:
@@ -122,7 +123,6 @@ def run_per_image(
     bar = progress_bar(len(mine), desc, "img", disable=not (progress and state.is_main_process))
     scalars = runlog.active()   # eval progress into scalars.csv / TensorBoard (main process only)
     seen = {"n": 0, "clean": 0, "adv": 0}
-    device = state.device
     for x, y, idx in loader:
         t0 = time.perf_counter()
         idx_list = [int(i) for i in idx]
