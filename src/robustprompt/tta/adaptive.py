@@ -34,7 +34,7 @@ What is differentiated, and what is held constant (straight-through / constant):
   are constants, the selected views' features are not.
 * the prompt update (``through_update=True``, default): differentiated exactly — the tuning loss
   is computed on the non-detached view features and AdamW is run functionally with
-  ``create_graph`` (TTAProcedure._tune_through_update), so d(prediction)/d(image) includes the path
+  ``create_graph`` (TTAProcedure.tune_copies), so d(prediction)/d(image) includes the path
   image → features → tuning gradient → updated prompt → text features. With the papers' single
   AdamW step from a fresh state that path is small (the first Adam step is ≈ lr·sign(g), whose
   derivative is ≈ 0), but it is exact and grows with more steps. ``through_update=False`` holds the

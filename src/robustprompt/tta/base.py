@@ -10,7 +10,7 @@ one image to the next.
 
 For adaptive attacks, ``run(..., differentiable=True)`` keeps the graph from the images to the
 prediction; ``through_update=True`` also differentiates through the prompt update (AdamW run
-functionally with create_graph, `_tune_through_update`). The default path is unchanged.
+functionally with create_graph, `tune_copies`). The default path is unchanged.
 """
 from __future__ import annotations
 
@@ -155,6 +155,31 @@ class TTAProcedure:
         feats, _ = clf.model.encode_text(tokens, text_prompts=per_seq)
         return F.normalize(feats, dim=-1).view(P, K, -1)
 
+    def tune_copies(self, init: list[torch.Tensor], P: int, loss: Callable[[list[torch.Tensor]], torch.Tensor], *,
+                    through_update: bool = False) -> list[torch.Tensor]:
+        """Fresh per-image copies P×… of each initial prompt tensor, tuned by params.steps AdamW
+        steps (lr, weight decay from params) on loss(copies) — summed over images, so each copy
+        sees only its own image's loss. Default: torch.optim.AdamW, detached results.
+        through_update=True: the same steps unrolled by `adamw_unrolled` with create_graph, so the
+        forward values agree to rounding and the result's graph reaches whatever the loss depends on
+        (the views or their features) through every step."""
+        p = self.params
+        if through_update:
+            # the attacker's backward differentiates the tuning gradient: the fused attention
+            # kernels (flash, memory-efficient) have no double backward, the math one is plain ops
+            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+                copies = [t.unsqueeze(0).repeat(P, 1, 1).requires_grad_(True) for t in init]
+                return adamw_unrolled(copies, loss, steps=p.steps, lr=p.lr, weight_decay=p.weight_decay)
+        copies = [torch.nn.Parameter(t.detach().unsqueeze(0).repeat(P, 1, 1)) for t in init]
+        opt = torch.optim.AdamW(copies, lr=p.lr, weight_decay=p.weight_decay)
+        with torch.enable_grad():
+            for _ in range(p.steps):
+                value = loss(copies)
+                opt.zero_grad()
+                value.backward()
+                opt.step()
+        return [c.detach() for c in copies]
+
     def tune(self, clf: PromptedClassifier, feats: torch.Tensor, selected: torch.Tensor, *,
              through_update: bool = False) -> torch.Tensor:
         """Tune fresh per-image copies of the initial prompt on the selected views' features;
@@ -164,35 +189,8 @@ class TTAProcedure:
         taken as constants and torch.optim.AdamW updates the prompt (no graph is returned).
         through_update=True runs the same AdamW steps functionally with create_graph, on the
         features as given, so the returned text features carry the graph
-        features → tuning gradient → updated prompt (see `_tune_through_update`).
+        features → tuning gradient → updated prompt (`tune_copies`).
         """
-        if through_update:
-            return self._tune_through_update(clf, feats, selected)
-        P = feats.shape[0]
-        init = self.initial_prompts(clf)
-        prompts = [torch.nn.Parameter(t.unsqueeze(0).repeat(P, 1, 1).clone()) for t in init]
-        opt = torch.optim.AdamW(prompts, lr=self.params.lr, weight_decay=self.params.weight_decay)
-        scale = clf.model.logit_scale.detach()
-        sel_feats = torch.gather(feats, 1, selected[..., None].expand(-1, -1, feats.shape[-1]))
-        with torch.enable_grad():
-            for _ in range(self.params.steps):
-                txt = self.text_features(clf, prompts)
-                sel_logits = scale * sel_feats @ txt.transpose(1, 2)
-                loss = self.tta_loss(sel_logits, txt).sum()  # sum: each prompt sees only its own loss
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            return self.text_features(clf, prompts)
-
-    def _tune_through_update(self, clf: PromptedClassifier, feats: torch.Tensor,
-                             selected: torch.Tensor) -> torch.Tensor:
-        """The prompt update as a differentiable function of the view features: the AdamW steps of
-        `tune` (lr and weight decay from params) unrolled by `adamw_unrolled`, so the forward values
-        agree with `tune` to rounding and the result's graph reaches `feats` through every step.
-        Returns text features P×K×D.
-        """
-        P = feats.shape[0]
         scale = clf.model.logit_scale.detach()
         sel_feats = torch.gather(feats, 1, selected[..., None].expand(-1, -1, feats.shape[-1]))
 
@@ -200,12 +198,11 @@ class TTAProcedure:
             txt = self.text_features(clf, prompts)
             return self.tta_loss(scale * sel_feats @ txt.transpose(1, 2), txt).sum()
 
-        # the attacker's backward differentiates the text tower's backward: the fused attention
-        # kernels (flash, memory-efficient) have no double backward, the math one is plain ops
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            init = [t.unsqueeze(0).repeat(P, 1, 1).clone().requires_grad_(True) for t in self.initial_prompts(clf)]
-            prompts = adamw_unrolled(init, loss, steps=self.params.steps, lr=self.params.lr,
-                                     weight_decay=self.params.weight_decay)
+        prompts = self.tune_copies(self.initial_prompts(clf), feats.shape[0], loss, through_update=through_update)
+        if through_update:
+            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+                return self.text_features(clf, prompts)
+        with torch.no_grad():
             return self.text_features(clf, prompts)
 
     def run(self, clf: PromptedClassifier, images: torch.Tensor, seeds: Sequence[int], *,
@@ -215,7 +212,7 @@ class TTAProcedure:
         differentiable=True keeps the graph from `images` through the views, their features and
         the ensemble (for adaptive attacks). The prompt update is then computed on detached
         features (the tuned prompt enters as a constant) unless through_update=True, which
-        differentiates through the update too (create_graph; `_tune_through_update`). The
+        differentiates through the update too (create_graph; `tune_copies`). The
         confident-view selection is an index set (top-k), always a constant.
         """
         through = differentiable and through_update

@@ -51,7 +51,7 @@ model's features of the test image → prediction. By default (``through_update=
 prompts enter as constants (tuned on detached views). ``through_update=True`` (the adaptive
 attack's default) differentiates through the prompt update as well: the tuning loss is computed
 on the non-detached selected views and AdamW runs functionally with create_graph (the same update
-as TTAProcedure._tune_through_update), so the gradient also follows image → views → tuning
+as TTAProcedure.tune_copies), so the gradient also follows image → views → tuning
 gradient (both towers' prompts) → tuned prompts → prediction. That path runs the image tower's
 double backward on the k selected views (about 3× the cost of a plain step). The view selection
 (top-k) is an index set, constant in both cases.
@@ -65,11 +65,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional, Sequence
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import ConfigError, ModelError
 from ..models import PromptConfig, PromptedClassifier
-from .base import TTAParams, TTAProcedure, adamw_unrolled, entropy, marginal_entropy, register
+from .base import TTAParams, TTAProcedure, entropy, marginal_entropy, register
 from .token_stats import TokenStats, block_inputs, check_stats_for, load_token_stats, prompt_hash
 
 log = logging.getLogger(__name__)
@@ -255,37 +254,13 @@ class TAPT(TTAProcedure):
                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Fresh per-image copies of the text and vision prompts, tuned on sel_views P×k×3×S×S;
         returns (text, vision), each per block P×n_ctx×d. torch.optim.AdamW on detached views, or,
-        with through_update, the same AdamW run functionally with create_graph."""
-        P = sel_views.shape[0]
-        init = self.initial_prompts(clf) + self.initial_vision_prompts(clf)
-        n_text = len(init) - len(clf.model.prompt.vision_prompts())
-        if through_update:
-            tuned = self._tune_functional(clf, sel_views, init, n_text)
-            return tuned[:n_text], tuned[n_text:]
-        prompts = [torch.nn.Parameter(t.unsqueeze(0).repeat(P, 1, 1).clone()) for t in init]
-        opt = torch.optim.AdamW(prompts, lr=self.params.lr, weight_decay=self.params.weight_decay)
-        views = sel_views.detach()
-        with torch.enable_grad():
-            for _ in range(self.params.steps):
-                # summed: each prompt copy sees only its own image's loss
-                loss = self.objective(clf, views, prompts[:n_text], prompts[n_text:]).sum()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        out = [p.detach() for p in prompts]
-        return out[:n_text], out[n_text:]
-
-    def _tune_functional(self, clf: PromptedClassifier, sel_views: torch.Tensor, init: list[torch.Tensor],
-                         n_text: int) -> list[torch.Tensor]:
-        """AdamW (β = (0.9, 0.999), eps 1e-8) written out as in TTAProcedure._tune_through_update,
-        with gradients from autograd.grad(create_graph=True): the result carries the graph
-        views → tuning gradient → tuned prompts."""
-        P = sel_views.shape[0]
-        # the fused attention kernels have no double backward; the math one is plain ops
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            prompts = [t.unsqueeze(0).repeat(P, 1, 1).clone().requires_grad_(True) for t in init]
-            return adamw_unrolled(prompts, lambda q: self.objective(clf, sel_views, q[:n_text], q[n_text:]).sum(),
-                                  steps=self.params.steps, lr=self.params.lr, weight_decay=self.params.weight_decay)
+        with through_update, the same AdamW run functionally with create_graph (`tune_copies`)."""
+        text, vision = self.initial_prompts(clf), self.initial_vision_prompts(clf)
+        n = len(text)
+        views = sel_views if through_update else sel_views.detach()
+        tuned = self.tune_copies(text + vision, sel_views.shape[0],
+                                 lambda q: self.objective(clf, views, q[:n], q[n:]).sum(), through_update=through_update)
+        return tuned[:n], tuned[n:]
 
     # ------------------------------------------------------------ the procedure
     def run(self, clf: PromptedClassifier, images: torch.Tensor, seeds: Sequence[int], *,
