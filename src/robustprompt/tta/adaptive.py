@@ -74,7 +74,7 @@ import torch.nn.functional as F
 
 from ..attacks import losses as attack_losses
 from ..attacks.base import uniform_noise
-from ..attacks.pgd import NORMS, project, random_perturbation
+from ..attacks.pgd import NORMS, ascent_step, project, random_perturbation
 from ..attacks.threat import ThreatModel
 from ..errors import ConfigError
 from ..models import PromptedClassifier
@@ -219,12 +219,6 @@ def _project(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str) -> tor
     return x + project(x_adv - x, x, eps, norm)
 
 
-def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
-    if norm == "linf":
-        return grad.sign()
-    return grad / _per_image(grad.flatten(1).norm(dim=1) + 1e-12)
-
-
 def _random_point(x: torch.Tensor, eps: float, norm: str, seeds: Sequence[int]) -> torch.Tensor:
     """A seeded random point of the ε-ball in [0, 1], drawn as the PGD attack's random start."""
     return x + random_perturbation(x, eps, norm, list(seeds))
@@ -319,7 +313,7 @@ def _run_restart(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str, sp
     x_old = x_adv.clone()
     for i in range(spec.steps):
         with torch.no_grad():
-            z = _project(x, x_adv + _per_image(step_size) * _direction(grad, norm), eps, norm)
+            z = _project(x, x_adv + _per_image(step_size) * ascent_step(grad, 1.0, norm), eps, norm)
             if apgd and i > 0:
                 z = _project(x, x_adv + APGD_MOMENTUM * (z - x_adv) + (1 - APGD_MOMENTUM) * (x_adv - x_old),
                              eps, norm)
@@ -375,11 +369,5 @@ def eot_pgd(procedure: TTAProcedure, clf: PromptedClassifier, x: torch.Tensor, y
         loss = F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
         (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
-            if threat.norm == "linf":
-                delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
-            else:
-                g = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-                delta = delta + alpha * g
-                delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1).view(-1, 1, 1, 1)
-            delta = (x + delta).clamp(0, 1) - x
+            delta = project(delta + ascent_step(grad, alpha, threat.norm), x, eps, threat.norm)
     return (x + delta).detach()
