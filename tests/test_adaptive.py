@@ -13,6 +13,8 @@ from robustprompt.models import PromptedClassifier
 from robustprompt.tta.adaptive import (AdaptiveAttack, _evaluate, adaptive_attack, apgd_checkpoints, dlr_loss,
                                        eot_pgd)
 from robustprompt.tta.procedures import build_procedure
+
+from demo_data import demo_tpt_and_images
 from finite_diff import DirectionalCheck
 
 PROCEDURES = ["tpt", "ctpt", "mta", "rtpt", "atpt"]
@@ -170,14 +172,7 @@ def test_result_stays_in_the_ball_and_never_falls_below_its_start(norm, eps, tin
 
 @pytest.fixture(scope="module")
 def demo():
-    from robustprompt.api import get_backbone
-    from robustprompt.data import build_dataset, clip_transform
-
-    ds = build_dataset("fashion_mnist")
-    split = ds.split("test")
-    x = torch.stack([clip_transform(28)(split.load(i)) for i in range(4)])
-    y = torch.tensor(split.labels[:4])
-    return PromptedClassifier(get_backbone("demo"), ds.classnames, TPT_PROMPT), x, y
+    return demo_tpt_and_images(4)
 
 
 VIEW_SEEDS, ATTACK_SEEDS = [1000, 1001, 1002, 1003], [1, 2, 3, 4]

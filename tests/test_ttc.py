@@ -18,6 +18,8 @@ from robustprompt.tta.adaptive import AdaptiveAttack, adaptive_attack
 from robustprompt.tta.procedures import build_procedure, list_procedures
 from robustprompt.tta.ttc import counterattack, sensitivity, step_weights, tau_gate
 
+from demo_data import demo_tpt_and_images
+
 
 @pytest.fixture(scope="module")
 def tiny64(tiny_backbone):
@@ -255,14 +257,7 @@ def test_bad_params_are_refused_in_one_line(params, key):
 
 @pytest.fixture(scope="module")
 def demo():
-    from robustprompt.api import get_backbone
-    from robustprompt.data import build_dataset, clip_transform
-
-    ds = build_dataset("fashion_mnist")
-    split = ds.split("test")
-    x = torch.stack([clip_transform(28)(split.load(i)) for i in range(6)])
-    y = torch.tensor(split.labels[:6])
-    return PromptedClassifier(get_backbone("demo"), ds.classnames, TPT_PROMPT), x, y
+    return demo_tpt_and_images(6)
 
 
 def test_adaptive_attack_is_at_least_as_strong_as_the_nonadaptive_one(demo):
